@@ -1,0 +1,158 @@
+"""One frozen settings object, resolved once at the edge.
+
+Precedence, highest first: CLI flags (passed as keyword arguments), environment
+variables ``SUPPORTLENS_*``, an optional TOML file (``--config`` or
+``SUPPORTLENS_CONFIG``), then the defaults below. Nothing else in the code base
+reads the environment: everything receives a :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from supportlens.errors import UserError
+
+SUPPORTED_LOCALES = ("en", "zh-CN")
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "supportlens"
+
+
+class Settings(BaseSettings):
+    """Everything a supportlens process needs to know about its surroundings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SUPPORTLENS_",
+        frozen=True,
+        extra="forbid",
+        secrets_dir=None,
+    )
+
+    kafka_bootstrap: str = Field(
+        default="127.0.0.1:9092", description="Kafka bootstrap servers, comma separated."
+    )
+    kafka_client: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Extra librdkafka options passed to every client, e.g. "
+            '{"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", '
+            '"ssl.ca.location": "/etc/ssl/ca.pem"}.'
+        ),
+    )
+    kafka_sasl_username: str | None = Field(default=None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(
+        default=None, description="SASL password; from the environment or a secrets file only."
+    )
+    topic_prefix: str = Field(
+        default="supportlens.", description="Prefix of every topic name (namespaces a shared cluster)."
+    )
+    partitions: int = Field(default=6, ge=1, le=1024, description="Partitions per topic.")
+    replication_factor: int = Field(default=1, ge=1, le=16, description="Replicas per topic.")
+    state_dir: Path = Field(
+        default_factory=_default_state_dir,
+        description="Where local state lives: the Kafka broker, the embedded ClickHouse store.",
+    )
+    clickhouse_dsn: str = Field(
+        default="",
+        description="ClickHouse DSN; empty means the embedded engine at chdb:///<state_dir>/clickhouse.",
+    )
+    locales: tuple[str, ...] = Field(
+        default=SUPPORTED_LOCALES, description="Locales users are answered in; the first is the fallback."
+    )
+    request_id_attributes: tuple[str, ...] = Field(
+        default=("http.request_id", "x-request-id", "request_id", "http.request.header.x-request-id"),
+        description="Span attributes that carry the request id, tried in order.",
+    )
+    request_id_from_trace_id: bool = Field(
+        default=True, description="Use the trace id as request id when no attribute carries one."
+    )
+    max_record_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Largest encoded record accepted on any topic."
+    )
+
+    @field_validator("locales")
+    @classmethod
+    def _known_locales(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [loc for loc in value if loc not in SUPPORTED_LOCALES]
+        if unknown or not value:
+            raise ValueError(f"supported locales are {', '.join(SUPPORTED_LOCALES)}; got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _derive_clickhouse_dsn(self) -> "Settings":
+        if not self.clickhouse_dsn:
+            # frozen model: derived defaults are set once, here, before anyone sees the object
+            object.__setattr__(self, "clickhouse_dsn", f"chdb://{self.state_dir / 'clickhouse'}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # TOML sits below the environment; its path (if any) comes from model_config.
+        return (init_settings, env_settings, file_secret_settings, TomlConfigSettingsSource(settings_cls))
+
+    def topic(self, name: str) -> str:
+        """The full topic name for a logical topic (``client-spans`` → ``<prefix>client-spans``)."""
+        return f"{self.topic_prefix}{name}"
+
+    def kafka_config(self, **overrides: Any) -> dict[str, Any]:
+        """librdkafka configuration shared by every producer, consumer and admin client."""
+        config: dict[str, Any] = {"bootstrap.servers": self.kafka_bootstrap, **self.kafka_client}
+        if self.kafka_sasl_username is not None:
+            config["sasl.username"] = self.kafka_sasl_username
+        if self.kafka_sasl_password is not None:
+            config["sasl.password"] = self.kafka_sasl_password.get_secret_value()
+        config.update(overrides)
+        return config
+
+    def public_view(self) -> dict[str, Any]:
+        """The settings as a person may see them: secrets masked."""
+        return self.model_dump(mode="json")
+
+
+def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
+    """Resolve settings from flags, environment and an optional TOML file.
+
+    ``flags`` whose value is ``None`` are ignored, so CLI options can be passed through
+    unconditionally. A missing file or a bad value raises :class:`UserError` naming the setting.
+    """
+    env_path = os.environ.get("SUPPORTLENS_CONFIG")
+    path = config_file or (Path(env_path) if env_path else None)
+    settings_cls: type[Settings] = Settings
+    if path is not None:
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist", hint="check --config or SUPPORTLENS_CONFIG")
+
+        class FileSettings(Settings):
+            model_config = SettingsConfigDict(toml_file=path)
+
+        settings_cls = FileSettings
+    given = {key: value for key, value in flags.items() if value is not None}
+    try:
+        return settings_cls(**given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        raise UserError(
+            f"invalid configuration: {problems}",
+            hint="see README 'Configuration' for every setting and its SUPPORTLENS_* variable",
+        ) from None
