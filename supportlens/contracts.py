@@ -1,0 +1,225 @@
+"""Event contracts (DESIGN.md §3): typed records, strict validation, JSON encoding.
+
+Every record on a topic is one of these structs encoded as JSON. Decoding is strict:
+wrong types, missing required fields, out-of-range values and bad IP addresses are
+rejected with an :class:`InvalidRecord` whose message names the field. Fields this
+version does not know are not dropped: they move into ``attributes`` so a newer
+producer never loses data on an older consumer.
+
+Times are UTC microseconds since the epoch (``*_us``), durations microseconds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta
+
+SCHEMA_VERSION = 1
+
+# Limits keep one hostile record from costing memory downstream; they are generous
+# for real traffic (an OTel attribute value rarely exceeds a few hundred bytes).
+Id = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
+OptionalId = Annotated[str, Meta(max_length=128)]
+Name = Annotated[str, Meta(max_length=256)]
+Text = Annotated[str, Meta(max_length=4096)]
+TimestampUs = Annotated[int, Meta(ge=0, le=32_503_680_000_000_000)]  # up to year 3000
+DurationUs = Annotated[int, Meta(ge=0, le=86_400_000_000)]  # a day
+HttpStatus = Annotated[int, Meta(ge=100, le=599)]
+AttributeValue = str | int | float | bool
+Attributes = Annotated[dict[str, AttributeValue], Meta(max_length=128)]
+Locale = Literal["en", "zh-CN"]
+
+Side = Literal["client", "server"]
+SpanStatus = Literal["ok", "error"]
+Tier = Literal["vip", "standard"]
+Channel = Literal["webhook", "email", "none"]
+
+
+class InvalidRecord(ValueError):
+    """A record that cannot be accepted; ``reason`` names the field and the problem."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(f"invalid {kind}: {reason}")
+        self.kind = kind
+        self.reason = reason
+
+
+def _check_ip(field: str, value: str) -> None:
+    if value:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"`{field}` is not an IP address: {value[:64]!r}") from None
+
+
+class Network(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Where the client sits on the internet."""
+
+    isp: Name = ""
+    asn: Annotated[int, Meta(ge=0, le=4_294_967_295)] = 0
+    connection_type: Name = ""  # wifi, cellular-4g, cellular-5g, ethernet, …
+
+
+class Span(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """A normalized span from a client app (``side=client``) or a backend service (``side=server``)."""
+
+    request_id: Id
+    trace_id: OptionalId = ""
+    span_id: OptionalId = ""
+    parent_span_id: OptionalId = ""
+    side: Side
+    service: Annotated[str, Meta(min_length=1, max_length=256)]
+    operation: Name = ""
+    start_us: TimestampUs
+    duration_us: DurationUs
+    status: SpanStatus
+    http_status: HttpStatus | None = None
+    error_code: Name = ""
+    error_message: Text = ""
+    client_ip: Annotated[str, Meta(max_length=64)] = ""
+    user_id: OptionalId = ""
+    account_id: OptionalId = ""
+    app_version: Name = ""
+    platform: Name = ""
+    region: Name = ""
+    network: Network | None = None
+    attributes: Attributes = {}
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _check_ip("client_ip", self.client_ip)
+
+
+class FaultReport(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """A one-click fault report: what the user saw, with their recent client trace log."""
+
+    report_id: Id
+    received_at_us: TimestampUs
+    user_id: OptionalId = ""
+    account_id: OptionalId = ""
+    client_ip: Annotated[str, Meta(min_length=1, max_length=64)]
+    locale: Locale = "en"
+    app_version: Name = ""
+    platform: Name = ""
+    region: Name = ""
+    network: Network | None = None
+    request_ids: Annotated[list[Id], Meta(max_length=50)] = []
+    error_code: Name = ""
+    user_message: Text = ""
+    client_log: Annotated[list[Span], Meta(max_length=200)] = []
+    attributes: Attributes = {}
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _check_ip("client_ip", self.client_ip)
+
+
+class BehaviourEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """A consent-gated user behaviour event (screen view, tap, …)."""
+
+    event_id: Id
+    user_id: Id
+    account_id: OptionalId = ""
+    ts_us: TimestampUs
+    name: Annotated[str, Meta(min_length=1, max_length=128)]
+    screen: Name = ""
+    app_version: Name = ""
+    platform: Name = ""
+    region: Name = ""
+    attributes: Attributes = {}
+    schema_version: int = SCHEMA_VERSION
+
+
+class Contact(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    name: Name = ""
+    email: Annotated[str, Meta(max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]
+
+
+class Account(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """A customer account: its tier decides who is notified proactively."""
+
+    account_id: Id
+    name: Name = ""
+    tier: Tier = "standard"
+    locale: Locale = "en"
+    channel: Channel = "none"
+    webhook_url: Annotated[str, Meta(max_length=2048, pattern=r"^(https?://\S+)?$")] = ""
+    contacts: Annotated[list[Contact], Meta(max_length=20)] = []
+    attributes: Attributes = {}
+    schema_version: int = SCHEMA_VERSION
+
+
+Record = Span | FaultReport | BehaviourEvent | Account
+R = TypeVar("R", Span, FaultReport, BehaviourEvent, Account)
+
+KIND_NAMES: dict[type, str] = {
+    Span: "span",
+    FaultReport: "fault report",
+    BehaviourEvent: "behaviour event",
+    Account: "account",
+}
+
+_encoder = msgspec.json.Encoder()
+_strict_decoders: dict[type, msgspec.json.Decoder[Any]] = {
+    cls: msgspec.json.Decoder(cls) for cls in KIND_NAMES
+}
+_raw_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+def encode(record: Record) -> bytes:
+    """JSON bytes of a record (defaults omitted, so the wire stays small)."""
+    return _encoder.encode(record)
+
+
+def decode(data: bytes, record_type: type[R], max_bytes: int = 1_048_576) -> R:
+    """Decode and validate one JSON record of ``record_type``.
+
+    Raises :class:`InvalidRecord` with a reason that names the offending field.
+    """
+    kind = KIND_NAMES[record_type]
+    if len(data) > max_bytes:
+        raise InvalidRecord(kind, f"record is {len(data):,} bytes, over the {max_bytes:,}-byte limit")
+    try:
+        return _strict_decoders[record_type].decode(data)
+    except msgspec.DecodeError as exc:
+        message = str(exc)
+        if not message.startswith("Object contains unknown field"):
+            raise InvalidRecord(kind, explain(message)) from None
+    # Slow path, only for records that carry fields this version does not know.
+    try:
+        raw = _raw_decoder.decode(data)
+    except msgspec.DecodeError as exc:  # pragma: no cover - the strict pass already parsed it
+        raise InvalidRecord(kind, explain(str(exc))) from None
+    return _convert_keeping_unknown(raw, record_type, kind)
+
+
+def _convert_keeping_unknown(raw: dict[str, Any], record_type: type[R], kind: str) -> R:
+    known = set(record_type.__struct_fields__)
+    extras = {key: raw.pop(key) for key in list(raw) if key not in known}
+    attributes = raw.get("attributes")
+    if not isinstance(attributes, dict):
+        attributes = {}
+    merged = dict(attributes)
+    for key, value in extras.items():
+        merged.setdefault(key, value if isinstance(value, (str, int, float, bool)) else _encoder.encode(value).decode())
+    raw["attributes"] = merged
+    try:
+        return msgspec.convert(raw, record_type)
+    except msgspec.ValidationError as exc:
+        raise InvalidRecord(kind, explain(str(exc))) from None
+
+
+def explain(message: str) -> str:
+    """msgspec's message in a person's words: ``$.request_id`` becomes ``field `request_id```."""
+    if message.startswith("JSON is malformed"):
+        return f"not valid JSON ({message.removeprefix('JSON is malformed: ')})"
+    if message.startswith("Input data was truncated"):
+        return "not valid JSON (the data ends too early)"
+    text, sep, path = message.rpartition(" - at `")
+    if sep:
+        field = path.rstrip("`").removeprefix("$").lstrip(".") or "record"
+        return f"field `{field}`: {text[0].lower()}{text[1:]}"
+    return message[0].lower() + message[1:] if message else "invalid record"
