@@ -1,0 +1,482 @@
+"""The traffic generator: a pure, deterministic function of a plan and a seed.
+
+It walks simulated time one second at a time. Each second, every region sends
+requests at ``rate × its share of users × its time-of-day factor``; each request
+gets an outcome (the scenario's fault while it is active, else background noise,
+else ok) and becomes one client span and the server spans of its call chain, all
+sharing one request id. Some users whose request failed file a fault report a few
+seconds later, carrying their client IP, request ids and recent client spans.
+Ground truth goes to labels, never into the events.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import uuid
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from supportlens.contracts import BehaviourEvent, FaultReport, Record, Span
+from supportlens.simulator import scenarios as sc
+from supportlens.simulator.labels import IncidentWindow, ReportLabel, RequestLabel, RunLabel
+from supportlens.simulator.world import OPERATION_BY_NAME, OPERATIONS, SERVICES, Operation, User, World
+
+SECOND_US = 1_000_000
+CLIENT_SERVICE = "mobile-app"
+CLIENT_LOG_LENGTH = 10
+REPORT_COOLDOWN_US = 300 * SECOND_US  # one user files at most one report per five minutes
+
+# Chance that a user files a report after a request of this class: people report
+# crashes and hard failures far more often than slowness.
+REPORT_PROBABILITY = {
+    sc.OK: 0.0002,
+    sc.NETWORK_UNREACHABLE: 0.05,
+    sc.NETWORK_SLOW: 0.01,
+    sc.SERVER_ERROR: 0.05,
+    sc.SERVER_SLOW: 0.01,
+    sc.CLIENT_MISUSE: 0.03,
+    sc.CLIENT_CRASH: 0.15,
+}
+MISUSE_CODES = (  # (code, http status, where it is refused)
+    ("ORDER_BEFORE_LOGIN", 401, "auth"),
+    ("RATE_LIMITED", 429, "edge-gateway"),
+    ("INVALID_CURRENCY", 400, "payment"),
+    ("IDEMPOTENCY_KEY_REUSED", 409, "orders"),
+)
+NETWORK_ERRORS = ("NETWORK_UNREACHABLE", "CONNECT_TIMEOUT", "DNS_FAILURE", "TLS_HANDSHAKE_TIMEOUT")
+USER_MESSAGES = {
+    "en": {
+        sc.OK: "Something seems off, please check.",
+        sc.NETWORK_UNREACHABLE: "The app says it cannot connect.",
+        sc.NETWORK_SLOW: "Everything is very slow.",
+        sc.SERVER_ERROR: "My payment keeps failing.",
+        sc.SERVER_SLOW: "Checkout takes forever.",
+        sc.CLIENT_MISUSE: "Our integration gets errors when placing orders.",
+        sc.CLIENT_CRASH: "The app crashed at checkout.",
+    },
+    "zh-CN": {
+        sc.OK: "好像有点问题,请看一下。",
+        sc.NETWORK_UNREACHABLE: "应用提示无法连接。",
+        sc.NETWORK_SLOW: "所有操作都很慢。",
+        sc.SERVER_ERROR: "付款一直失败。",
+        sc.SERVER_SLOW: "结账要等很久。",
+        sc.CLIENT_MISUSE: "我们的集成在下单时报错。",
+        sc.CLIENT_CRASH: "结账时应用崩溃了。",
+    },
+}
+
+
+def seasonal_factor(utc_hour: float, utc_offset_h: int) -> float:
+    """Share of peak traffic at this hour: lowest at 04:00 local (0.1), highest at 16:00 (1.0)."""
+    local = (utc_hour + utc_offset_h) % 24
+    return 0.1 + 0.9 * (0.5 - 0.5 * math.cos(2 * math.pi * (local - 4) / 24))
+
+
+@dataclass(frozen=True)
+class Plan:
+    scenario: sc.Scenario
+    rate: float  # requests per simulated second at the daily peak
+    duration_s: int
+    seed: int
+    start_us: int
+
+    @property
+    def end_us(self) -> int:
+        return self.start_us + self.duration_s * SECOND_US
+
+    @property
+    def window_us(self) -> tuple[int, int]:
+        lo, hi = self.scenario.window
+        return (self.start_us + int(self.duration_s * lo * SECOND_US), self.start_us + int(self.duration_s * hi * SECOND_US))
+
+
+@dataclass(frozen=True)
+class Emit:
+    """One record for one logical topic."""
+
+    topic: str
+    key: str
+    ts_us: int
+    record: Record
+
+
+@dataclass
+class Tick:
+    """What one simulated second produced."""
+
+    second: int
+    events: list[Emit] = field(default_factory=list)
+    labels: list[RequestLabel | ReportLabel] = field(default_factory=list)
+
+
+def _poisson(rng: random.Random, lam: float) -> int:
+    if lam <= 0:
+        return 0
+    if lam > 50:  # normal approximation: exact sampling is slow and indistinguishable here
+        return max(0, round(rng.gauss(lam, math.sqrt(lam))))
+    limit, k, p = math.exp(-lam), 0, 1.0
+    while True:
+        p *= rng.random()
+        if p <= limit:
+            return k
+        k += 1
+
+
+class Simulation:
+    """Iterate :meth:`ticks` for the traffic, then read :meth:`summary`."""
+
+    def __init__(self, plan: Plan, world: World) -> None:
+        self.plan = plan
+        self.world = world
+        self.rng = random.Random(f"traffic:{plan.seed}:{plan.scenario.name}")
+        self.by_region: dict[str, list[User]] = defaultdict(list)
+        for user in world.users:
+            self.by_region[user.region.name].append(user)
+        chooser = plan.scenario.burst_users
+        self.burst_users = [u for u in world.users if chooser(u, world)] if chooser else []
+        self.recent: dict[str, deque[Span]] = defaultdict(lambda: deque(maxlen=CLIENT_LOG_LENGTH))
+        self.recent_ids: dict[str, deque[str]] = defaultdict(lambda: deque(maxlen=3))
+        self.last_report: dict[str, int] = {}
+        self.pending: list[tuple[int, int, Emit, ReportLabel]] = []  # reports not yet due
+        self.counts: Counter[str] = Counter()
+        self.classes: Counter[str] = Counter()
+        self.report_classes: Counter[str] = Counter()
+        self.requests = 0
+        self.visible = 0
+        self._seq = 0
+
+    # ---- ids -------------------------------------------------------------------
+    def _hex(self, bits: int) -> str:
+        return f"{self.rng.getrandbits(bits):0{bits // 4}x}"
+
+    def _uuid(self) -> str:
+        return str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+
+    # ---- the walk ----------------------------------------------------------------
+    def accounts(self) -> list[Emit]:
+        events = [Emit("accounts", a.account_id, self.plan.start_us, a) for a in self.world.accounts]
+        self.counts["accounts"] += len(events)
+        return events
+
+    def ticks(self) -> Iterator[Tick]:
+        plan = self.plan
+        total_users = len(self.world.users)
+        for second in range(plan.duration_s):
+            tick = Tick(second)
+            t0 = plan.start_us + second * SECOND_US
+            utc_hour = (t0 / 3_600_000_000) % 24
+            for region_name, users in self.by_region.items():
+                share = len(users) / total_users
+                factor = seasonal_factor(utc_hour, users[0].region.utc_offset_h)
+                n = _poisson(self.rng, plan.rate * share * factor)
+                for _ in range(n):
+                    user = self.rng.choice(users)
+                    self._request(tick, user, t0 + self.rng.randrange(SECOND_US))
+            lo, hi = plan.window_us
+            if self.burst_users and lo <= t0 < hi:
+                burst_op = OPERATION_BY_NAME[plan.scenario.burst_operation]
+                for _ in range(_poisson(self.rng, plan.rate * plan.scenario.burst_share)):
+                    user = self.rng.choice(self.burst_users)
+                    self._request(tick, user, t0 + self.rng.randrange(SECOND_US), burst_op)
+            self._release_reports(tick, t0 + SECOND_US)
+            tick.events.sort(key=lambda e: e.ts_us)
+            yield tick
+        # reports filed after the last second still arrive: the run is not cut short
+        tail = Tick(plan.duration_s)
+        self._release_reports(tail, math.inf)
+        if tail.events:
+            yield tail
+
+    def summary(self) -> RunLabel:
+        plan = self.plan
+        expected = []
+        if plan.scenario.expects_incident:
+            lo, hi = plan.window_us
+            expected.append(
+                IncidentWindow(
+                    scenario=plan.scenario.name,
+                    expected_class=plan.scenario.expected_class,
+                    dimension=dict(plan.scenario.dimension),
+                    start_us=lo,
+                    end_us=hi,
+                )
+            )
+        return RunLabel(
+            scenario=plan.scenario.name,
+            seed=plan.seed,
+            rate=plan.rate,
+            duration_s=plan.duration_s,
+            start_us=plan.start_us,
+            end_us=plan.end_us,
+            users=len(self.world.users),
+            requests=self.requests,
+            visible_requests=self.visible,
+            counts=dict(sorted(self.counts.items())),
+            classes=dict(sorted(self.classes.items())),
+            report_classes=dict(sorted(self.report_classes.items())),
+            expected_incidents=expected,
+            scenario_window=plan.window_us,
+            vip_accounts=sorted(self.world.vip_accounts),
+            misuse_account=self.world.misuse_account,
+        )
+
+    # ---- one request -----------------------------------------------------------------
+    def _outcome(self, user: User, op: Operation, ts: int) -> tuple[sc.Fault, bool]:
+        scenario = self.plan.scenario
+        lo, hi = self.plan.window_us
+        in_window = lo <= ts < hi
+        if in_window and scenario.effect is not None:
+            fault = scenario.effect(user, op, self.world)
+            if fault is not None and self.rng.random() < scenario.probability:
+                return fault, True
+        roll = self.rng.random()
+        for cls, share in sc.NOISE.items():
+            if roll < share:
+                return sc.Fault(cls), in_window
+            roll -= share
+        return sc.Fault(sc.OK), in_window
+
+    def _request(self, tick: Tick, user: User, ts: int, op: Operation | None = None) -> None:
+        op = op or self._pick_operation()
+        fault, in_window = self._outcome(user, op, ts)
+        request_id = self._uuid()
+        trace_id = self._hex(128)
+        server_spans, client_span, failing = self._spans(user, op, fault, request_id, trace_id, ts)
+        self.requests += 1
+        self.classes[fault.cls] += 1
+        for span in server_spans:
+            tick.events.append(Emit("server-spans", request_id, span.start_us, span))
+        if user.consented:
+            tick.events.append(Emit("client-spans", request_id, ts, client_span))
+        self.counts["server-spans"] += len(server_spans)
+        self.counts["client-spans"] += int(user.consented)
+        if server_spans or user.consented:
+            self.visible += 1
+        self.recent[user.user_id].append(client_span)
+        self.recent_ids[user.user_id].append(request_id)
+        tick.labels.append(
+            RequestLabel(
+                request_id=request_id,
+                scenario=self.plan.scenario.name,
+                expected_class=fault.cls,
+                start_us=ts,
+                user_id=user.user_id,
+                account_id=user.account_id,
+                client_ip=user.client_ip,
+                operation=op.name,
+                failing_service=failing,
+                server_spans=len(server_spans),
+                client_span_emitted=user.consented,
+                in_scenario_window=in_window,
+            )
+        )
+        if user.consented and self.rng.random() < 0.2:
+            event = BehaviourEvent(
+                event_id=self._uuid(),
+                user_id=user.user_id,
+                account_id=user.account_id,
+                ts_us=ts,
+                name="screen_view",
+                screen=op.screen,
+                app_version=user.app_version,
+                platform=user.platform,
+                region=user.region.name,
+            )
+            tick.events.append(Emit("behaviour", user.user_id, ts, event))
+            self.counts["behaviour"] += 1
+        self._maybe_report(user, fault.cls, request_id, client_span, ts, in_window)
+
+    def _pick_operation(self) -> Operation:
+        roll = self.rng.random()
+        for op in OPERATIONS:
+            if roll < op.weight:
+                return op
+            roll -= op.weight
+        return OPERATIONS[-1]
+
+    def _spans(
+        self, user: User, op: Operation, fault: sc.Fault, request_id: str, trace_id: str, ts: int
+    ) -> tuple[list[Span], Span, str]:
+        """Server spans of the call chain and the client span, shaped by the fault."""
+        rng = self.rng
+        rtt_ms = {"ethernet": 15, "wifi": 30, "cellular-5g": 40, "cellular-4g": 70}[user.connection_type]
+        client_span_id = self._hex(64)
+        common = dict(request_id=request_id, trace_id=trace_id)
+        if fault.cls == sc.NETWORK_UNREACHABLE:
+            code = rng.choice(NETWORK_ERRORS)
+            duration_ms = rng.uniform(8_000, 30_000) if code.endswith("TIMEOUT") else rng.uniform(5, 300)
+            client = self._client_span(user, op, common, client_span_id, ts, duration_ms, "error", None, code,
+                                       "the request could not be sent")
+            return [], client, ""
+
+        chain = op.chain
+        failing = ""
+        cut = len(chain)  # hops at or after `cut` are never called
+        slow_hop = -1
+        status_of: dict[int, tuple[int, str]] = {}
+        if fault.cls == sc.SERVER_ERROR:
+            candidates = [i for i, (s, _) in enumerate(chain) if s == fault.service] or list(range(1, len(chain))) or [0]
+            hop = candidates[0] if fault.service else rng.choice(candidates)
+            failing = chain[hop][0]
+            status_of[hop] = (503, f"{failing.upper().replace('-', '_')}_UNAVAILABLE")
+            for parent in _ancestors(chain, hop):
+                status_of[parent] = (502, "UPSTREAM_ERROR")
+            cut = hop + 1
+        elif fault.cls == sc.CLIENT_MISUSE:
+            choices = [m for m in MISUSE_CODES if m[2] in op.services()]
+            code, http, where = next((m for m in choices if m[0] == fault.code), None) or rng.choice(choices)
+            hop = op.services().index(where)
+            failing = where
+            status_of[hop] = (http, code)
+            for parent in _ancestors(chain, hop):
+                status_of[parent] = (http, code)
+            cut = hop + 1
+        elif fault.cls == sc.SERVER_SLOW:
+            slow_hop = rng.randrange(len(chain))
+            failing = chain[slow_hop][0]
+
+        # own time per hop; a parent's duration covers its children, called one after another
+        own = []
+        for i, (service, _) in enumerate(chain[:cut]):
+            spec = SERVICES[service]
+            ms = rng.lognormvariate(math.log(spec.base_ms), 0.35)
+            if i == slow_hop:
+                ms = spec.objective_ms * rng.uniform(2.5, 6)
+            own.append(ms * 1000)
+        children: dict[int, list[int]] = defaultdict(list)
+        for i, (_, parent) in enumerate(chain[:cut]):
+            if parent >= 0:
+                children[parent].append(i)
+        durations = [0.0] * cut
+        for i in reversed(range(cut)):
+            durations[i] = own[i] + sum(durations[c] for c in children[i])
+        span_ids = [self._hex(64) for _ in range(cut)]
+        starts = [0.0] * cut
+        starts[0] = ts + rtt_ms * 500  # half a round trip after the client sent it
+        for i in range(cut):
+            offset = starts[i] + own[i] * 0.3
+            for c in children[i]:
+                starts[c] = offset
+                offset += durations[c]
+
+        server = []
+        for i, (service, parent) in enumerate(chain[:cut]):
+            http, code = status_of.get(i, (201 if op.name.startswith("POST") else 200, ""))
+            server.append(
+                Span(
+                    **common,
+                    span_id=span_ids[i],
+                    parent_span_id=span_ids[parent] if parent >= 0 else client_span_id,
+                    side="server",
+                    service=service,
+                    operation=op.name if i == 0 else f"{service}.{op.screen}",
+                    start_us=int(starts[i]),
+                    duration_us=int(durations[i]),
+                    status="error" if http >= 500 else "ok",  # OTel: a 4xx is the caller's fault
+                    http_status=http,
+                    error_code=code,
+                    error_message="upstream connection refused" if http == 503 else "",
+                    user_id=user.user_id,
+                    account_id=user.account_id,
+                    app_version=user.app_version,
+                    platform=user.platform,
+                    region=user.region.name,
+                    attributes={"team": SERVICES[service].team},
+                )
+            )
+        total_ms = durations[0] / 1000 + rtt_ms
+        root_http, root_code = status_of.get(0, (server[0].http_status or 200, ""))
+        if fault.cls == sc.NETWORK_SLOW:
+            total_ms += rng.uniform(3_000, 12_000)
+        if fault.cls == sc.CLIENT_CRASH:
+            client = self._client_span(user, op, common, client_span_id, ts, total_ms + rng.uniform(5, 50), "error",
+                                       root_http, "APP_CRASH",
+                                       "SIGSEGV in CheckoutViewModel.render at 0x7f3a2c (libapp.so)")
+        else:
+            client = self._client_span(user, op, common, client_span_id, ts, total_ms,
+                                       "error" if root_http >= 400 else "ok", root_http, root_code, "")
+        return server, client, failing
+
+    def _client_span(self, user: User, op: Operation, common: dict[str, str], span_id: str, ts: int,
+                     duration_ms: float, status: str, http: int | None, code: str, message: str) -> Span:
+        return Span(
+            **common,
+            span_id=span_id,
+            side="client",
+            service=CLIENT_SERVICE,
+            operation=op.name,
+            start_us=ts,
+            duration_us=int(duration_ms * 1000),
+            status=status,  # type: ignore[arg-type]
+            http_status=http,
+            error_code=code,
+            error_message=message,
+            client_ip=user.client_ip,
+            user_id=user.user_id,
+            account_id=user.account_id,
+            app_version=user.app_version,
+            platform=user.platform,
+            region=user.region.name,
+            network=user.network,
+            attributes={"screen": op.screen},
+        )
+
+    # ---- fault reports -------------------------------------------------------------
+    def _maybe_report(self, user: User, cls: str, request_id: str, client_span: Span, ts: int, in_window: bool) -> None:
+        last = self.last_report.get(user.user_id)
+        if last is not None and ts - last < REPORT_COOLDOWN_US:
+            return
+        if self.rng.random() >= REPORT_PROBABILITY[cls]:
+            return
+        self.last_report[user.user_id] = ts
+        received = ts + client_span.duration_us + self.rng.randrange(5 * SECOND_US, 60 * SECOND_US)
+        report_id = self._uuid()
+        others = [rid for rid in self.recent_ids[user.user_id] if rid != request_id][-2:]
+        report = FaultReport(
+            report_id=report_id,
+            received_at_us=received,
+            user_id=user.user_id,
+            account_id=user.account_id,
+            client_ip=user.client_ip,
+            locale=user.locale,  # type: ignore[arg-type]
+            app_version=user.app_version,
+            platform=user.platform,
+            region=user.region.name,
+            network=user.network,
+            request_ids=[request_id, *others],
+            error_code=client_span.error_code,
+            user_message=USER_MESSAGES[user.locale][cls],
+            client_log=list(self.recent[user.user_id]),
+        )
+        label = ReportLabel(
+            report_id=report_id,
+            scenario=self.plan.scenario.name,
+            expected_class=cls,
+            received_at_us=received,
+            user_id=user.user_id,
+            account_id=user.account_id,
+            request_ids=report.request_ids,
+            in_scenario_window=in_window,
+        )
+        self._seq += 1
+        heapq.heappush(self.pending, (received, self._seq, Emit("fault-reports", report_id, received, report), label))
+
+    def _release_reports(self, tick: Tick, until: float) -> None:
+        while self.pending and self.pending[0][0] < until:
+            _, _, emit, label = heapq.heappop(self.pending)
+            tick.events.append(emit)
+            tick.labels.append(label)
+            self.counts["fault-reports"] += 1
+            self.report_classes[label.expected_class] += 1
+
+
+def _ancestors(chain: tuple[tuple[str, int], ...], hop: int) -> list[int]:
+    out = []
+    parent = chain[hop][1]
+    while parent >= 0:
+        out.append(parent)
+        parent = chain[parent][1]
+    return out

@@ -1,0 +1,96 @@
+"""Ground truth of a simulator run, written beside (never into) the events the pipeline reads.
+
+A labels file is JSON lines: one ``request`` line per simulated request, one ``report``
+line per fault report, and a final ``run`` line with the counts per topic and the
+windows in which incidents are expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+
+class RequestLabel(msgspec.Struct, kw_only=True, tag="request", tag_field="kind"):
+    request_id: str
+    scenario: str
+    expected_class: str
+    start_us: int
+    user_id: str
+    account_id: str
+    client_ip: str
+    operation: str
+    failing_service: str = ""
+    server_spans: int
+    client_span_emitted: bool  # False when the user did not consent to client tracing
+    in_scenario_window: bool
+
+
+class ReportLabel(msgspec.Struct, kw_only=True, tag="report", tag_field="kind"):
+    report_id: str
+    scenario: str
+    expected_class: str
+    received_at_us: int
+    user_id: str
+    account_id: str
+    request_ids: list[str]
+    in_scenario_window: bool
+
+
+class IncidentWindow(msgspec.Struct, kw_only=True):
+    scenario: str
+    expected_class: str
+    dimension: dict[str, str]
+    start_us: int
+    end_us: int
+
+
+class RunLabel(msgspec.Struct, kw_only=True, tag="run", tag_field="kind"):
+    scenario: str
+    seed: int
+    rate: float
+    duration_s: int
+    start_us: int
+    end_us: int
+    users: int
+    requests: int
+    visible_requests: int  # requests with at least one span on a span topic
+    counts: dict[str, int]  # records per logical topic
+    classes: dict[str, int]  # requests per expected class
+    report_classes: dict[str, int]
+    expected_incidents: list[IncidentWindow]
+    scenario_window: tuple[int, int]
+    vip_accounts: list[str]
+    misuse_account: str
+
+
+Label = RequestLabel | ReportLabel | RunLabel
+_decoder = msgspec.json.Decoder(Label)
+_encoder = msgspec.json.Encoder()
+
+
+def encode_label(label: Label) -> bytes:
+    return _encoder.encode(label) + b"\n"
+
+
+def read_labels(path: Path) -> Iterator[Label]:
+    with path.open("rb") as handle:
+        for line in handle:
+            if line.strip():
+                yield _decoder.decode(line)
+
+
+def read_run(path: Path) -> RunLabel:
+    """The ``run`` summary of a labels file (its last line)."""
+    with path.open("rb") as handle:
+        handle.seek(0, 2)
+        size = handle.tell()
+        handle.seek(max(0, size - 65536))
+        last = handle.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+    label = _decoder.decode(last)
+    if not isinstance(label, RunLabel):
+        raise ValueError(f"{path} is incomplete: its last line is not the run summary")
+    return label

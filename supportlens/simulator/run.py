@@ -1,0 +1,132 @@
+"""Run a simulation into Kafka: idempotent producer, wall-clock pacing, progress, labels file."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from confluent_kafka import KafkaError, Producer
+
+from supportlens.config import Settings
+from supportlens.contracts import encode
+from supportlens.errors import UserError
+from supportlens.topics import require_topics
+from supportlens.simulator.generate import SECOND_US, Plan, Simulation
+from supportlens.simulator.labels import RunLabel, encode_label
+from supportlens.simulator.scenarios import scenario as find_scenario
+from supportlens.simulator.world import build_world
+
+
+@dataclass(frozen=True)
+class SimulateOptions:
+    scenario: str
+    rate: float
+    duration_s: int
+    seed: int = 7
+    users: int = 5000
+    speed: float = 1.0  # simulated seconds per wall second; 0 = as fast as possible
+    start: datetime | None = None
+    labels_path: Path = Path("labels.jsonl")
+
+
+def plan_for(options: SimulateOptions) -> Plan:
+    """The plan of a run; raises :class:`UserError` for options a person got wrong."""
+    try:
+        scenario = find_scenario(options.scenario)
+    except KeyError as exc:
+        raise UserError(str(exc.args[0]), hint="`supportlens simulate --help` lists the scenarios") from None
+    if options.rate <= 0:
+        raise UserError(f"--rate must be above 0, got {options.rate}")
+    if options.duration_s <= 0:
+        raise UserError(f"--duration must be at least 1 second, got {options.duration_s}")
+    if options.users < 20:
+        raise UserError(f"--users must be at least 20, got {options.users}")
+    if options.speed < 0:
+        raise UserError(f"--speed must be 0 (as fast as possible) or above, got {options.speed}")
+    start = options.start or datetime.now(timezone.utc)
+    if start.tzinfo is None:
+        start = start.replace(tzinfo=timezone.utc)
+    if scenario.start_hour_utc is not None and options.start is None:
+        # the most recent such hour, so a quiet night is always in the past, never in the future
+        candidate = start.replace(hour=scenario.start_hour_utc, minute=0, second=0, microsecond=0)
+        start = candidate if candidate <= start else candidate - timedelta(days=1)
+    return Plan(scenario, options.rate, options.duration_s, options.seed, int(start.timestamp() * SECOND_US))
+
+
+def simulate(
+    settings: Settings,
+    options: SimulateOptions,
+    progress: Callable[[int, int, int], None] | None = None,
+) -> RunLabel:
+    """Produce a whole run to Kafka and write its labels; returns the run summary.
+
+    ``progress(seconds_done, seconds_total, records_sent)`` is called once per simulated
+    second. Raises :class:`UserError` when Kafka refuses records: the labels file then
+    says so instead of pretending the run is complete.
+    """
+    plan = plan_for(options)
+    require_topics(settings, ("accounts", "client-spans", "server-spans", "fault-reports", "behaviour"))
+    world = build_world(options.seed, options.users)
+    sim = Simulation(plan, world)
+    producer = Producer(
+        settings.kafka_config(
+            **{
+                "enable.idempotence": True,  # retries never duplicate or reorder a partition's records
+                "linger.ms": 20,
+                "compression.type": "lz4",
+                "batch.num.messages": 10000,
+                "queue.buffering.max.messages": 500_000,
+                "message.max.bytes": max(settings.max_record_bytes + 65536, 1_000_000),
+                "message.timeout.ms": 60_000,
+            }
+        )
+    )
+    failures: list[str] = []
+
+    def on_delivery(err: KafkaError | None, _msg: object) -> None:
+        if err is not None and len(failures) < 20:
+            failures.append(err.str())
+
+    def send(topic: str, key: str, value: bytes, ts_us: int) -> None:
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, timestamp=ts_us // 1000, on_delivery=on_delivery)
+                return
+            except BufferError:  # local queue full: let librdkafka drain, then retry
+                producer.poll(0.05)
+
+    options.labels_path.parent.mkdir(parents=True, exist_ok=True)
+    sent = 0
+    wall_start = time.monotonic()
+    with options.labels_path.open("wb") as labels:
+        for emit in sim.accounts():
+            send(settings.topic(emit.topic), emit.key, encode(emit.record), emit.ts_us)
+            sent += 1
+        for tick in sim.ticks():
+            for emit in tick.events:
+                send(settings.topic(emit.topic), emit.key, encode(emit.record), emit.ts_us)
+            sent += len(tick.events)
+            labels.write(b"".join(encode_label(label) for label in tick.labels))
+            producer.poll(0)
+            if options.speed > 0:
+                due = wall_start + (tick.second + 1) / options.speed
+                delay = due - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            if progress:
+                progress(min(tick.second + 1, plan.duration_s), plan.duration_s, sent)
+            if failures:
+                break
+        remaining = producer.flush(60)
+        summary = sim.summary()
+        if failures or remaining:
+            problem = failures[0] if failures else f"{remaining} records still unsent after 60 s"
+            raise UserError(
+                f"Kafka did not accept every record ({problem}); the run is incomplete",
+                hint=f"check the broker at {settings.kafka_bootstrap} and that topics exist (`supportlens topics create`)",
+            )
+        labels.write(encode_label(summary))
+    return summary
