@@ -1,0 +1,1 @@
+"""Sinks: where records leave the pipeline (the console today; ClickHouse and notifications next)."""

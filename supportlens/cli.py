@@ -1,0 +1,185 @@
+"""The ``supportlens`` command line: settings are resolved here, once, and passed down."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from supportlens.config import Settings, load_settings
+from supportlens.contracts import KIND_NAMES, InvalidRecord, decode
+from supportlens.errors import UserError
+from supportlens.simulator.scenarios import SCENARIOS
+
+app = typer.Typer(
+    help="supportlens: correlate client and server spans, diagnose fault reports, declare incidents.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+topics_app = typer.Typer(help="Kafka topics of the pipeline.", no_args_is_help=True)
+app.add_typer(topics_app, name="topics")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+@app.callback()
+def _settings(
+    ctx: typer.Context,
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML settings file.")] = None,
+    bootstrap: Annotated[Optional[str], typer.Option("--bootstrap", help="Kafka bootstrap servers.")] = None,
+    topic_prefix: Annotated[Optional[str], typer.Option(help="Prefix of every topic name.")] = None,
+    partitions: Annotated[Optional[int], typer.Option(help="Partitions per topic.")] = None,
+    state_dir: Annotated[Optional[Path], typer.Option(help="Local state directory.")] = None,
+    clickhouse_dsn: Annotated[Optional[str], typer.Option(help="ClickHouse DSN (default: embedded chDB).")] = None,
+) -> None:
+    ctx.obj = load_settings(
+        config,
+        kafka_bootstrap=bootstrap,
+        topic_prefix=topic_prefix,
+        partitions=partitions,
+        state_dir=state_dir,
+        clickhouse_dsn=clickhouse_dsn,
+    )
+
+
+@app.command("config")
+def show_config(ctx: typer.Context) -> None:
+    """Print the resolved settings (secrets masked)."""
+    settings: Settings = ctx.obj
+    table = Table("setting", "value", title="supportlens settings")
+    for key, value in settings.public_view().items():
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@topics_app.command("create")
+def topics_create(ctx: typer.Context) -> None:
+    """Create missing topics and align retention/compaction; checks co-partitioning."""
+    from supportlens.topics import TOPICS, provision
+
+    settings: Settings = ctx.obj
+    changes = provision(settings)
+    table = Table("topic", "action", "detail", "purpose", title=f"topics on {settings.kafka_bootstrap}")
+    purposes = {settings.topic(spec.name): spec.purpose for spec in TOPICS}
+    for change in changes:
+        table.add_row(change.topic, change.action, change.detail, purposes.get(change.topic, ""))
+    console.print(table)
+
+
+@topics_app.command("list")
+def topics_list(ctx: typer.Context) -> None:
+    """Show the pipeline's topics and their partition counts."""
+    from supportlens.topics import TOPICS, admin_client, check_reachable, existing_partitions
+
+    settings: Settings = ctx.obj
+    admin = admin_client(settings)
+    check_reachable(admin, settings)
+    have = existing_partitions(admin)
+    table = Table("topic", "key", "partitions", "join group", "purpose")
+    for spec in TOPICS:
+        name = settings.topic(spec.name)
+        table.add_row(name, spec.key, str(have.get(name, "missing")), spec.join.value if spec.join else "", spec.purpose)
+    console.print(table)
+
+
+@app.command()
+def simulate(
+    ctx: typer.Context,
+    scenario: Annotated[str, typer.Option(help=f"One of: {', '.join(SCENARIOS)}.")] = "normal",
+    rate: Annotated[float, typer.Option(help="Requests per simulated second at the daily peak.")] = 200.0,
+    duration: Annotated[int, typer.Option(help="Simulated seconds of traffic.")] = 60,
+    users: Annotated[int, typer.Option(help="Simulated end users.")] = 5000,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same run.")] = 7,
+    speed: Annotated[float, typer.Option(help="Simulated seconds per wall second (time compression); 0 = as fast as possible.")] = 1.0,
+    start: Annotated[Optional[datetime], typer.Option(help="Simulated start time, UTC (default: now).")] = None,
+    labels: Annotated[Path, typer.Option(help="Where the ground-truth labels (JSON lines) go.")] = Path("labels.jsonl"),
+) -> None:
+    """Send realistic traffic (spans, fault reports, behaviour, accounts) to Kafka."""
+    from supportlens.simulator.run import SimulateOptions, simulate as run_simulation
+
+    settings: Settings = ctx.obj
+    options = SimulateOptions(scenario, rate, duration, seed, users, speed, start, labels)
+    with _progress() as bar:
+        task = bar.add_task(f"simulating {scenario}", total=duration, sent=0)
+        summary = run_simulation(
+            settings, options, progress=lambda done, total, sent: bar.update(task, completed=done, sent=sent)
+        )
+    table = Table("topic", "records", title=f"{scenario}: {summary.requests:,} requests, labels in {labels}")
+    for topic, count in summary.counts.items():
+        table.add_row(settings.topic(topic), f"{count:,}")
+    console.print(table)
+
+
+@app.command()
+def validate(
+    kind: Annotated[str, typer.Option(help="span | fault-report | behaviour | account")],
+    path: Annotated[Path, typer.Argument(help="A JSON-lines file, one record per line.", exists=True, dir_okay=False)],
+) -> None:
+    """Check records against the event contracts; every problem is listed with its line and field."""
+    types = {name.replace(" ", "-").replace("-event", ""): cls for cls, name in KIND_NAMES.items()}
+    if kind not in types:
+        raise UserError(f"unknown kind {kind!r}", hint=f"use one of {', '.join(types)}")
+    bad = 0
+    total = 0
+    with path.open("rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            total += 1
+            try:
+                decode(line.rstrip(b"\n"), types[kind])
+            except InvalidRecord as exc:
+                bad += 1
+                console.print(f"[red]line {number}[/]: {exc.reason}")
+    console.print(f"{total - bad} of {total} records valid")
+    if bad:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    rate: Annotated[float, typer.Option(help="Requests per simulated second at the daily peak.")] = 400.0,
+    duration: Annotated[int, typer.Option(help="Simulated seconds per scenario.")] = 60,
+    out: Annotated[Path, typer.Option(help="Where labels of each scenario go.")] = Path("out/demo"),
+) -> None:
+    """Run every scripted scenario through Kafka and print what landed, per scenario."""
+    from supportlens.demo import run_demo
+
+    run_demo(ctx.obj, console, rate=rate, duration_s=duration, out_dir=out, progress=_progress)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("sim s · {task.fields[sent]:,} records", style="dim"),
+        TimeElapsedColumn(),
+        console=err_console,
+    )
+
+
+def main() -> None:
+    """Entry point: user mistakes become a message and a hint, with exit code 2.
+
+    Usage errors (a bad flag value) are typer's own, already short and clear.
+    """
+    try:
+        app(prog_name="supportlens")
+    except UserError as exc:
+        err_console.print(f"[bold red]error:[/] {exc.message}")
+        if exc.hint:
+            err_console.print(f"[yellow]hint:[/] {exc.hint}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
