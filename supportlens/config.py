@@ -123,6 +123,12 @@ class Settings(BaseSettings):
         config.update(overrides)
         return config
 
+    def producer_config(self, **overrides: Any) -> dict[str, Any]:
+        """Producer settings: Kafka's Java partitioner, so a key lands on the same partition
+        whoever produces it (Faust/aiokafka and the Java clients use murmur2; librdkafka's
+        default is CRC32, which would split a request's spans across workers)."""
+        return self.kafka_config(partitioner="murmur2_random", **overrides)
+
     def public_view(self) -> dict[str, Any]:
         """The settings as a person may see them: secrets masked."""
         return self.model_dump(mode="json")

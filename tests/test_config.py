@@ -93,3 +93,9 @@ def test_unknown_keys_in_the_file_are_rejected(tmp_path):
     config.write_text("partitons = 3\n")
     with pytest.raises(UserError, match="partitons"):
         load_settings(config)
+
+
+def test_producers_partition_like_the_java_clients_so_joined_topics_stay_co_partitioned():
+    settings = load_settings()
+    assert settings.producer_config()["partitioner"] == "murmur2_random"
+    assert "partitioner" not in settings.kafka_config()

@@ -83,3 +83,21 @@ def test_malformed_records_on_a_topic_are_counted_with_a_reason_naming_the_field
     assert any("missing required field `request_id`" in r for r in reasons)
     assert any("field `start_us`: expected `int`, got `str`" in r for r in reasons)
     assert any("fault-reports: record is 200,000 bytes, over the 100,000-byte limit" in r for r in reasons)
+
+
+def test_a_key_lands_on_the_partition_kafkas_java_partitioner_picks(settings, tmp_path):
+    """Co-partitioning across producers: librdkafka must agree with Faust/aiokafka (murmur2)."""
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from supportlens.simulator.run import SimulateOptions, simulate
+
+    provision(settings)
+    simulate(settings, SimulateOptions("normal", 20, 3, speed=0, labels_path=tmp_path / "l.jsonl"))
+    java = DefaultPartitioner()
+    topic = settings.topic("server-spans")
+    partitions = list(range(settings.partitions))
+    checked = 0
+    for message in read_range(settings, [topic]):
+        assert message.partition() == java(message.key(), partitions, partitions)
+        checked += 1
+    assert checked > 50

@@ -72,7 +72,7 @@ def simulate(
     world = build_world(options.seed, options.users)
     sim = Simulation(plan, world)
     producer = Producer(
-        settings.kafka_config(
+        settings.producer_config(
             **{
                 "enable.idempotence": True,  # retries never duplicate or reorder a partition's records
                 "linger.ms": 20,
