@@ -87,17 +87,21 @@ def _print_scenario(console: Console, settings: Settings, run: RunLabel, seen: O
 
 
 def _overview(results: list[tuple[RunLabel, Observed]]) -> Table:
-    table = Table("scenario", "requests", "spans sent/read", "reports sent/read", "users reporting", "invalid",
-                  title="per-scenario summary")
+    table = Table("scenario", "requests", "spans", "reports", "reporters", "invalid",
+                  title="per scenario: records sent, ✓ when all were read back")
     for run, seen in results:
         sent_spans = run.counts.get("client-spans", 0) + run.counts.get("server-spans", 0)
         read_spans = seen.records["client-spans"] + seen.records["server-spans"]
         table.add_row(
             run.scenario,
             f"{run.requests:,}",
-            f"{sent_spans:,}/{read_spans:,}",
-            f"{run.counts.get('fault-reports', 0):,}/{seen.records['fault-reports']:,}",
+            _sent_read(sent_spans, read_spans),
+            _sent_read(run.counts.get("fault-reports", 0), seen.records["fault-reports"]),
             f"{len(seen.reporting_users):,}",
             f"{sum(seen.invalid.values()):,}",
         )
     return table
+
+
+def _sent_read(sent: int, read: int) -> str:
+    return f"{sent:,} [green]✓[/]" if sent == read else f"{sent:,} → {read:,} [red]✗[/]"
