@@ -157,6 +157,30 @@ def demo(
     run_demo(ctx.obj, console, rate=rate, duration_s=duration, out_dir=out, progress=_progress)
 
 
+@app.command()
+def worker(
+    ctx: typer.Context,
+    catalog: Annotated[Optional[Path], typer.Option(help="Problem catalog (TOML); default: the bundled one.")] = None,
+    loglevel: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
+) -> None:
+    """Run the stream processors: correlate spans, diagnose fault reports."""
+    from streams.catalog import DEFAULT_PATH, load_catalog
+    from streams.correlate import Timing
+    from streams.worker import run_worker
+
+    settings: Settings = ctx.obj
+    timing = Timing(settings.correlation_settle_s, settings.correlation_grace_s, settings.correlation_retain_s)
+    run_worker(settings, load_catalog(catalog or DEFAULT_PATH), timing, loglevel)
+
+
+@app.command()
+def gateway(ctx: typer.Context) -> None:
+    """Serve the ingest endpoints (OTLP/HTTP traces, fault reports, behaviour) and report status."""
+    from supportlens.gateway.server import run_gateway
+
+    run_gateway(ctx.obj)
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("{task.description}"),

@@ -78,6 +78,26 @@ class Settings(BaseSettings):
     request_id_from_trace_id: bool = Field(
         default=True, description="Use the trace id as request id when no attribute carries one."
     )
+    gateway_host: str = Field(default="127.0.0.1", description="Address the gateway listens on.")
+    gateway_port: int = Field(default=8480, ge=1, le=65535, description="Port the gateway listens on.")
+    gateway_public_url: str = Field(
+        default="", description="Base URL clients reach the gateway at (for status links); default http://host:port."
+    )
+    anonymize_client_ips: bool = Field(
+        default=False, description="Keep only the network of client IPs (/24 for IPv4, /48 for IPv6)."
+    )
+    trusted_proxies: tuple[str, ...] = Field(
+        default=(), description="Proxies whose X-Forwarded-For is believed (CIDRs); others' is ignored."
+    )
+    correlation_grace_s: float = Field(
+        default=30.0, gt=0, description="How long a request waits for its missing side before it is emitted anyway."
+    )
+    correlation_settle_s: float = Field(
+        default=2.0, ge=0, description="How long a request with both sides waits for straggling server spans."
+    )
+    correlation_retain_s: float = Field(
+        default=300.0, gt=0, description="How long an emitted request is kept to version late spans."
+    )
     max_record_bytes: int = Field(
         default=1_048_576, ge=1024, description="Largest encoded record accepted on any topic."
     )

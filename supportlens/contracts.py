@@ -152,14 +152,111 @@ class Account(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, for
     schema_version: int = SCHEMA_VERSION
 
 
-Record = Span | FaultReport | BehaviourEvent | Account
-R = TypeVar("R", Span, FaultReport, BehaviourEvent, Account)
+DiagnosisClass = Literal[
+    "network_unreachable", "network_slow", "server_error", "server_slow",
+    "client_misuse", "client_crash", "ok", "unknown",
+]
+
+
+class Diagnosis(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """One diagnosis class (DESIGN.md §4) and what it rests on."""
+
+    cls: DiagnosisClass
+    service: Name = ""  # the failing or slow service, for server-side classes
+    team: Name = ""  # its owner team
+    code: Name = ""  # the catalogued error code, when one matched
+    evidence: Text = ""  # for support staff: which span, which status, which timings
+    catalog_version: int = 0
+
+
+class Hop(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """One server span of a request's call chain, timed relative to the request's start."""
+
+    service: Name
+    team: Name = ""
+    operation: Name = ""
+    span_id: OptionalId = ""
+    parent_span_id: OptionalId = ""
+    offset_us: int = 0
+    duration_us: DurationUs = 0
+    status: SpanStatus = "ok"
+    http_status: HttpStatus | None = None
+    error_code: Name = ""
+
+
+class CorrelatedRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """One request seen from both sides (or the side that was seen), with its diagnosis.
+
+    ``version`` is the number of spans it was built from. Spans only accumulate, so a
+    higher version knows more, and the same version always means the same content —
+    also when a restarted worker emits a request again. Consumers keep the highest
+    version per ``request_id``.
+    """
+
+    request_id: Id
+    version: int = 1
+    trace_id: OptionalId = ""
+    start_us: TimestampUs
+    operation: Name = ""
+    user_id: OptionalId = ""
+    account_id: OptionalId = ""
+    client_ip: Annotated[str, Meta(max_length=64)] = ""
+    app_version: Name = ""
+    platform: Name = ""
+    region: Name = ""
+    network: Network | None = None
+    has_client: bool = False
+    has_server: bool = False
+    client_duration_us: DurationUs = 0
+    client_status: SpanStatus = "ok"
+    client_http_status: HttpStatus | None = None
+    client_error_code: Name = ""
+    server_duration_us: DurationUs = 0
+    server_status: SpanStatus = "ok"
+    server_http_status: HttpStatus | None = None
+    root_service: Name = ""
+    teams: list[Name] = []
+    hops: list[Hop] = []
+    span_count: int = 0
+    diagnosis: Diagnosis
+    completeness: Literal["complete", "client_only", "server_only"] = "complete"
+    drill: bool = False
+
+
+class DiagnosedReport(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """A fault report with its diagnosis and the explanation shown to the user, in their locale."""
+
+    report_id: Id
+    received_at_us: TimestampUs
+    diagnosed_at_us: TimestampUs
+    user_id: OptionalId = ""
+    account_id: OptionalId = ""
+    client_ip: Annotated[str, Meta(max_length=64)] = ""
+    locale: Locale = "en"
+    app_version: Name = ""
+    platform: Name = ""
+    region: Name = ""
+    network: Network | None = None
+    request_ids: list[Id] = []
+    primary_request_id: OptionalId = ""
+    diagnosis: Diagnosis
+    title: Text = ""  # one line for the user
+    explanation: Text = ""  # what happened, in the user's words; no host names, no stack traces
+    action: Text = ""  # what the user can do meanwhile
+    doc_url: Annotated[str, Meta(max_length=2048)] = ""
+    drill: bool = False
+
+
+Record = Span | FaultReport | BehaviourEvent | Account | CorrelatedRequest | DiagnosedReport
+R = TypeVar("R", Span, FaultReport, BehaviourEvent, Account, CorrelatedRequest, DiagnosedReport)
 
 KIND_NAMES: dict[type, str] = {
     Span: "span",
     FaultReport: "fault report",
     BehaviourEvent: "behaviour event",
     Account: "account",
+    CorrelatedRequest: "correlated request",
+    DiagnosedReport: "diagnosed report",
 }
 
 _encoder = msgspec.json.Encoder()

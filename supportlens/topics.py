@@ -57,6 +57,10 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("fault-reports", "report_id", 30 * DAY_MS, purpose="one-click fault reports"),
     TopicSpec("behaviour", "user_id", 3 * DAY_MS, purpose="consent-gated behaviour events"),
     TopicSpec("requests", "request_id", 7 * DAY_MS, join=Join.REQUEST_ID, purpose="correlated requests"),
+    TopicSpec(
+        "reports-by-request", "request_id", 3 * DAY_MS, join=Join.REQUEST_ID,
+        purpose="fault reports re-keyed by the request they name, to meet it in one worker",
+    ),
     TopicSpec("reports-diagnosed", "report_id", 30 * DAY_MS, purpose="reports with diagnosis"),
     TopicSpec("surges", "dimension", 30 * DAY_MS, purpose="surge start/update/end"),
     TopicSpec("incidents", "incident_id", 365 * DAY_MS, purpose="incident lifecycle events"),

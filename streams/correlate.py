@@ -1,0 +1,162 @@
+"""Correlation of client and server spans by request id, as pure functions over a state record.
+
+The worker keeps one :class:`Pending` per request id in a changelog-backed table and
+calls these functions; they decide *what* and *when*, never touch Kafka.
+
+When a request is emitted:
+- both sides seen (a client span and the entry server span): ``settle`` seconds after
+  the last span arrived, so stragglers from deeper hops still make it in;
+- a side missing: ``grace`` seconds after the first span arrived;
+- a span arriving after emission: at once, as the next ``version``.
+``version`` is the span count, so re-emitting after a crash repeats identical content.
+A report waiting on a request is diagnosed when the request is emitted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+
+from supportlens.contracts import CorrelatedRequest, FaultReport, Hop, Span
+from streams.catalog import Catalog
+from streams.diagnose import diagnose_spans, root_of
+
+
+@dataclass(frozen=True)
+class Timing:
+    settle_s: float
+    grace_s: float
+    retain_s: float
+
+
+class Pending(msgspec.Struct, kw_only=True):
+    """What is known of one request id; stored in the worker's table."""
+
+    spans: list[Span] = []
+    reports: list[FaultReport] = []  # reports naming this request, not yet answered
+    first_seen_s: float = 0.0
+    last_seen_s: float = 0.0
+    emitted_version: int = 0  # span count of the last request emitted; 0 = none yet
+    emitted_at_s: float = 0.0
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Pending)
+
+
+def dump(state: Pending) -> bytes:
+    return _encoder.encode(state)
+
+
+def load(data: bytes) -> Pending:
+    return _decoder.decode(data)
+
+
+def _identity(span: Span) -> tuple[str, str, str]:
+    return (span.side, span.span_id, span.service) if span.span_id else (span.side, str(span.start_us), span.service)
+
+
+def add_span(state: Pending | None, span: Span, now_s: float) -> tuple[Pending, bool]:
+    """The state with ``span`` added; ``False`` when it was already there (a redelivery)."""
+    state = state or Pending(first_seen_s=now_s)
+    key = _identity(span)
+    if any(_identity(s) == key for s in state.spans):
+        return state, False
+    state.spans.append(span)
+    state.last_seen_s = now_s
+    if not state.first_seen_s:
+        state.first_seen_s = now_s
+    return state, True
+
+
+def add_report(state: Pending | None, report: FaultReport, now_s: float) -> tuple[Pending, bool]:
+    """The state with a report waiting on it; ``False`` when it was already there."""
+    state = state or Pending(first_seen_s=now_s, last_seen_s=now_s)
+    if any(r.report_id == report.report_id for r in state.reports):
+        return state, False
+    state.reports.append(report)
+    return state, True
+
+
+def sides(state: Pending) -> tuple[Span | None, list[Span]]:
+    clients = [s for s in state.spans if s.side == "client"]
+    servers = [s for s in state.spans if s.side == "server"]
+    client = min(clients, key=lambda s: s.start_us) if clients else None
+    return client, servers
+
+
+def due_at(state: Pending, timing: Timing) -> float:
+    """Wall-clock second at which the worker should act on this request next."""
+    if state.emitted_version:
+        if len(state.spans) > state.emitted_version or state.reports:
+            return state.last_seen_s  # late news: act now
+        return state.emitted_at_s + timing.retain_s  # nothing new: forget it then
+    if not state.spans:
+        return state.first_seen_s + timing.grace_s  # a report whose request we have not seen
+    client, servers = sides(state)
+    if client is not None and root_of(servers) is not None:
+        return state.last_seen_s + timing.settle_s
+    return state.first_seen_s + timing.grace_s
+
+
+def build_request(request_id: str, state: Pending, catalog: Catalog, drill: bool = False) -> CorrelatedRequest:
+    """The correlated request for the spans seen so far (deterministic in the spans, not their order)."""
+    client, servers = sides(state)
+    servers = sorted(servers, key=lambda s: (s.start_us, s.service, s.span_id))
+    root = root_of(servers)
+    start = min([s.start_us for s in servers] + ([client.start_us] if client else []))
+    any_span = client or root or servers[0]
+    hops = [
+        Hop(
+            service=s.service,
+            team=catalog.team_of(s.service),
+            operation=s.operation,
+            span_id=s.span_id,
+            parent_span_id=s.parent_span_id,
+            offset_us=s.start_us - start,
+            duration_us=s.duration_us,
+            status=s.status,
+            http_status=s.http_status,
+            error_code=s.error_code,
+        )
+        for s in servers
+    ]
+    return CorrelatedRequest(
+        request_id=request_id,
+        version=len(state.spans),
+        trace_id=any_span.trace_id,
+        start_us=start,
+        operation=(client or root or any_span).operation,
+        user_id=next((s.user_id for s in [client, *servers] if s and s.user_id), ""),
+        account_id=next((s.account_id for s in [client, *servers] if s and s.account_id), ""),
+        client_ip=client.client_ip if client else "",
+        app_version=(client or any_span).app_version,
+        platform=(client or any_span).platform,
+        region=(client or any_span).region,
+        network=client.network if client else None,
+        has_client=client is not None,
+        has_server=bool(servers),
+        client_duration_us=client.duration_us if client else 0,
+        client_status=client.status if client else "ok",
+        client_http_status=client.http_status if client else None,
+        client_error_code=client.error_code if client else "",
+        server_duration_us=root.duration_us if root else 0,
+        server_status="error" if any(h.status == "error" for h in hops) else "ok",
+        server_http_status=root.http_status if root else None,
+        root_service=root.service if root else "",
+        teams=sorted({h.team for h in hops}),
+        hops=hops,
+        span_count=len(state.spans),
+        diagnosis=diagnose_spans(client, servers, catalog),
+        completeness="complete" if client and servers else ("client_only" if client else "server_only"),
+        drill=drill,
+    )
+
+
+def mark_emitted(state: Pending, now_s: float) -> Pending:
+    """After the request (if it has spans) and its waiting reports were sent."""
+    state.emitted_version = len(state.spans)
+    state.emitted_at_s = now_s
+    state.reports = []
+    return state

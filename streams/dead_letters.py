@@ -1,0 +1,19 @@
+"""Dead letters: a record that cannot be decoded or validated goes to ``dlq`` with its origin.
+
+Headers follow DESIGN.md §1 (``reason``, ``source_topic``, ``source_partition``,
+``source_offset``); the value and key are the original bytes, untouched, so the record
+can be replayed once the producer is fixed.
+"""
+
+from __future__ import annotations
+
+MAX_REASON_BYTES = 1024
+
+
+def dead_letter_headers(reason: str, topic: str, partition: int, offset: int) -> dict[str, bytes]:
+    return {
+        "reason": reason.encode("utf-8")[:MAX_REASON_BYTES],
+        "source_topic": topic.encode(),
+        "source_partition": str(partition).encode(),
+        "source_offset": str(offset).encode(),
+    }

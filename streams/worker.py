@@ -1,0 +1,178 @@
+"""The Faust worker: agents move records and call the pure functions of ``correlate``/``diagnose``.
+
+Topology (all joined topics co-partitioned by request id):
+
+    fault-reports ──rekey──▶ reports-by-request ─┐
+    client-spans ────────────────────────────────┼─▶ correlate ─▶ (table: pending) ─timer─▶ requests
+    server-spans ────────────────────────────────┘                                 └──────▶ reports-diagnosed
+
+Guarantees: state changes are written to the table's changelog before the input offset
+is committed (Faust flushes its producer first), so a killed worker restarts with every
+span it had acknowledged; outputs are sent before the state records them as sent, so a
+crash can only repeat an emission, never lose one, and a repeated request is identical
+(its version is its span count).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from typing import Any
+
+import faust
+
+from supportlens.config import Settings
+from supportlens.contracts import FaultReport, InvalidRecord, Span, decode, encode
+from supportlens.metrics import Metrics
+from streams.catalog import Catalog
+from streams.correlate import Pending, Timing, add_report, add_span, build_request, due_at, dump, load, mark_emitted
+from streams.dead_letters import dead_letter_headers
+from streams.diagnose import diagnose_report, primary_request_id
+
+log = logging.getLogger(__name__)
+TICK_S = 0.25
+
+
+def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Metrics | None = None) -> faust.App:
+    """A Faust app wired to ``settings``; nothing runs until a worker starts it."""
+    metrics = metrics or Metrics()
+    app = faust.App(
+        f"{settings.topic_prefix}worker",
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        store="memory://",
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        topic_allow_declare=True,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        web_enabled=False,
+        producer_acks=-1,
+        stream_wait_empty=False,
+        key_serializer="raw",  # records are msgspec JSON, decoded by us: Faust passes bytes through
+        value_serializer="raw",
+    )
+    raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+    name = {logical: settings.topic(logical) for logical in (
+        "client-spans", "server-spans", "fault-reports", "reports-by-request", "requests", "reports-diagnosed", "dlq")}
+    logical_of = {full: logical for logical, full in name.items()}
+    joined = app.topic(name["client-spans"], name["server-spans"], name["reports-by-request"], **raw)
+    reports_in = app.topic(name["fault-reports"], **raw)
+    reports_by_request = app.topic(name["reports-by-request"], **raw)
+    requests_out = app.topic(name["requests"], **raw)
+    diagnosed_out = app.topic(name["reports-diagnosed"], **raw)
+    dlq = app.topic(name["dlq"], **raw)
+    pending = app.Table("pending", partitions=settings.partitions, use_partitioner=True, key_type=bytes, value_type=bytes)
+    schedule: list[tuple[float, bytes]] = []  # (due wall second, request id); rebuilt after recovery
+
+    async def dead_letter(event: faust.types.EventT, reason: str) -> None:
+        message = event.message
+        metrics.dead_letters.labels(logical_of.get(message.topic, message.topic)).inc()
+        log.warning("dead letter from %s[%s]@%s: %s", message.topic, message.partition, message.offset, reason)
+        await dlq.send(key=event.key, value=event.value,
+                       headers=dead_letter_headers(reason, message.topic, message.partition, message.offset))
+
+    def decode_or_none(event: faust.types.EventT, record_type: type) -> Any:
+        try:
+            return decode(event.value or b"", record_type, settings.max_record_bytes)
+        except InvalidRecord as exc:
+            return exc
+
+    @app.agent(reports_in)
+    async def rekey_reports(stream: faust.StreamT) -> None:
+        """Fault reports arrive keyed by report id; re-key each by the request it names."""
+        async for event in stream.events():
+            metrics.events_in.labels("fault-reports").inc()
+            report = decode_or_none(event, FaultReport)
+            if isinstance(report, InvalidRecord):
+                await dead_letter(event, report.reason)
+                continue
+            key = primary_request_id(report) or report.report_id
+            await reports_by_request.send(key=key.encode(), value=event.value)
+
+    @app.agent(joined)
+    async def correlate(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            topic = logical_of.get(event.message.topic, event.message.topic)
+            metrics.events_in.labels(topic).inc()
+            record = decode_or_none(event, FaultReport if topic == "reports-by-request" else Span)
+            if isinstance(record, InvalidRecord):
+                await dead_letter(event, record.reason)
+                continue
+            now = time.time()
+            if isinstance(record, Span):
+                key = record.request_id.encode()
+                if event.key != key:
+                    await dead_letter(event, f"record key {event.key!r} is not its request_id "
+                                             f"{record.request_id!r}: spans must be keyed by request id")
+                    continue
+            else:
+                key = event.key or record.report_id.encode()
+            stored = pending.get(key)
+            state = load(stored) if stored is not None else None
+            if isinstance(record, Span):
+                state, changed = add_span(state, record, now)
+                if not changed:
+                    metrics.duplicates.inc()
+            else:
+                state, changed = add_report(state, record, now)
+            if changed:
+                pending[key] = dump(state)
+                heapq.heappush(schedule, (due_at(state, timing), key))
+
+    @pending.on_recover
+    async def rebuild_schedule() -> None:
+        """After a (re)start or rebalance, schedule every request this worker now owns."""
+        schedule.clear()
+        for key, value in pending.items():
+            schedule.append((due_at(load(value), timing), key))
+        heapq.heapify(schedule)
+        log.info("correlation: %d requests in flight after recovery", len(schedule))
+
+    @app.timer(TICK_S)
+    async def emit_due() -> None:
+        now = time.time()
+        while schedule and schedule[0][0] <= now:
+            _, key = heapq.heappop(schedule)
+            stored = pending.get(key)
+            if stored is None:
+                continue  # already forgotten, or its partition moved to another worker
+            state = load(stored)
+            due = due_at(state, timing)
+            if due > now:
+                heapq.heappush(schedule, (due, key))  # news since it was scheduled moved it
+                continue
+            if await _act(key, state, now) is None:
+                del pending[key]
+                continue
+            pending[key] = dump(state)
+            heapq.heappush(schedule, (due_at(state, timing), key))
+
+    async def _act(key: bytes, state: Pending, now: float) -> Pending | None:
+        """Emit what is due for one request; ``None`` when it can be forgotten."""
+        has_news = len(state.spans) > state.emitted_version or state.reports
+        if not has_news:
+            return None
+        request = build_request(key.decode(), state, catalog) if state.spans else None
+        if request is not None and len(state.spans) > state.emitted_version:
+            await requests_out.send(key=key, value=encode(request))
+            metrics.events_out.labels("requests").inc()
+            metrics.emit_delay.observe(now - state.first_seen_s)
+        for report in state.reports:
+            diagnosed = diagnose_report(report, request, catalog, int(now * 1_000_000))
+            await diagnosed_out.send(key=report.report_id.encode(), value=encode(diagnosed))
+            metrics.events_out.labels("reports-diagnosed").inc()
+        mark_emitted(state, now)
+        return state if state.spans else None
+
+    return app
+
+
+def run_worker(settings: Settings, catalog: Catalog, timing: Timing, loglevel: str = "info") -> None:
+    """Run the worker until SIGINT/SIGTERM (blocking)."""
+    from supportlens.topics import provision
+
+    provision(settings)
+    app = create_app(settings, catalog, timing)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()
