@@ -70,13 +70,22 @@ def add_span(state: Pending | None, span: Span, now_s: float) -> tuple[Pending, 
     return state, True
 
 
-def add_report(state: Pending | None, report: FaultReport, now_s: float) -> tuple[Pending, bool]:
-    """The state with a report waiting on it; ``False`` when it was already there."""
+def add_report(state: Pending | None, report: FaultReport, request_id: str, now_s: float) -> tuple[Pending, bool]:
+    """The state with a report waiting on it; ``False`` when nothing was new.
+
+    The client spans the user attached for this request join its spans: for a user who
+    did not consent to client tracing they are the only client-side evidence we get.
+    """
     state = state or Pending(first_seen_s=now_s, last_seen_s=now_s)
-    if any(r.report_id == report.report_id for r in state.reports):
-        return state, False
-    state.reports.append(report)
-    return state, True
+    changed = False
+    if not any(r.report_id == report.report_id for r in state.reports):
+        state.reports.append(report)
+        changed = True
+    for span in report.client_log:
+        if span.request_id == request_id and span.side == "client":
+            state, added = add_span(state, span, now_s)
+            changed = changed or added
+    return state, changed
 
 
 def sides(state: Pending) -> tuple[Span | None, list[Span]]:

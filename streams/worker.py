@@ -115,7 +115,7 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
                 if not changed:
                     metrics.duplicates.inc()
             else:
-                state, changed = add_report(state, record, now)
+                state, changed = add_report(state, record, key.decode(), now)
             if changed:
                 pending[key] = dump(state)
                 heapq.heappush(schedule, (due_at(state, timing), key))

@@ -27,3 +27,45 @@ def settings_env(settings: Settings) -> dict[str, str]:
         COLUMNS="200",
     )
     return env
+
+
+class WorkerProcess:
+    """A real ``supportlens worker`` subprocess, its log in a file."""
+
+    def __init__(self, settings: Settings, log_path: Path, **env: str) -> None:
+        import subprocess
+
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen(
+            supportlens_cmd("worker"), env={**settings_env(settings), **env}, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def wait_ready(self, timeout: float = 90.0) -> "WorkerProcess":
+        import time
+
+        deadline = time.monotonic() + timeout
+        while b"Worker ready" not in self.log_path.read_bytes():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"worker not ready after {timeout} s:\n{self.tail()}")
+            time.sleep(0.2)
+        return self
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self._log.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except Exception:
+                self.proc.kill()
+        self._log.close()

@@ -1,0 +1,98 @@
+"""Correlation state: dedupe, when to emit, and requests that depend only on their spans."""
+
+from __future__ import annotations
+
+import itertools
+
+from span_factory import client, server
+from supportlens.contracts import FaultReport
+from streams.catalog import load_catalog
+from streams.correlate import Pending, Timing, add_report, add_span, build_request, due_at, dump, load, mark_emitted
+
+CATALOG = load_catalog()
+TIMING = Timing(settle_s=2, grace_s=30, retain_s=300)
+
+
+def test_a_redelivered_span_is_recognized_and_ignored():
+    state, added = add_span(None, client(), now_s=100)
+    assert added
+    state, added = add_span(state, client(), now_s=101)
+    assert not added and len(state.spans) == 1 and state.last_seen_s == 100
+
+
+def test_a_request_with_both_sides_waits_to_settle_and_one_side_waits_the_grace():
+    state, _ = add_span(None, server("edge-gateway", "s1", "c1", 10, 50), now_s=100)
+    assert due_at(state, TIMING) == 130  # server only: grace from the first span
+    state, _ = add_span(state, client(), now_s=105)
+    assert due_at(state, TIMING) == 107  # both sides: settle after the last span
+    state, _ = add_span(state, server("auth", "s2", "s1", 12, 5), now_s=106)
+    assert due_at(state, TIMING) == 108
+
+
+def test_after_emission_news_is_due_at_once_and_silence_until_retention_ends():
+    state, _ = add_span(None, client(), now_s=100)
+    mark_emitted(state, now_s=130)
+    assert due_at(state, TIMING) == 430
+    state, _ = add_span(state, server("edge-gateway", "s1", "c1", 10, 50), now_s=140)
+    assert due_at(state, TIMING) == 140
+    state, _ = add_report(state, FaultReport(report_id="x", received_at_us=1, client_ip="203.0.113.7"), "r1", now_s=150)
+    assert due_at(state, TIMING) == 140
+
+
+def test_the_request_is_the_same_whatever_order_its_spans_came_in():
+    spans = [client(), server("edge-gateway", "s1", "c1", 10, 300), server("orders", "s2", "s1", 15, 250),
+             server("payment", "s3", "s2", 20, 200, status="error", http_status=503)]
+    built = set()
+    for order in itertools.permutations(spans):
+        state = None
+        for span in order:
+            state, _ = add_span(state, span, now_s=1)
+        built.add(dump_request(state))
+    assert len(built) == 1
+    request = load_request(built.pop())
+    assert request.version == 4 and request.completeness == "complete"
+    assert request.root_service == "edge-gateway" and request.teams == ["commerce", "payments", "sre"]
+    assert [h.service for h in request.hops] == ["edge-gateway", "orders", "payment"]
+    assert request.hops[2].offset_us == 20_000 and request.client_ip == "203.0.113.7"
+    assert request.diagnosis.cls == "server_error" and request.server_status == "error"
+
+
+def test_a_late_span_makes_a_new_version_that_knows_more():
+    state, _ = add_span(None, client(status="error", http_status=None, error_code="CONNECT_TIMEOUT"), now_s=1)
+    first = build_request("r1", state, CATALOG)
+    assert (first.version, first.completeness, first.diagnosis.cls) == (1, "client_only", "network_unreachable")
+    mark_emitted(state, now_s=31)
+    state, _ = add_span(state, server("edge-gateway", "s1", "c1", 10, 50), now_s=40)
+    second = build_request("r1", state, CATALOG)
+    assert second.version == 2 and second.completeness == "complete"
+
+
+def test_state_survives_its_table_encoding():
+    state, _ = add_span(None, client(), now_s=1)
+    state, _ = add_report(state, FaultReport(report_id="x", received_at_us=1, client_ip="203.0.113.7"), "r1", now_s=2)
+    assert load(dump(state)) == state
+
+
+def test_a_reports_attached_client_span_completes_a_request_seen_only_from_the_server():
+    state, _ = add_span(None, server("edge-gateway", "s1", "c1", 10, 50), now_s=1)
+    crashed = client(status="error", error_code="APP_CRASH")
+    other = client(request_id="r0", span_id="c0")
+    report = FaultReport(report_id="x", received_at_us=1, client_ip="203.0.113.7", request_ids=["r1"],
+                         client_log=[other, crashed])
+    state, changed = add_report(state, report, "r1", now_s=5)
+    assert changed and [s.request_id for s in state.spans] == ["r1", "r1"]  # r0 belongs to another key
+    request = build_request("r1", state, CATALOG)
+    assert request.completeness == "complete" and request.diagnosis.cls == "client_crash"
+    assert add_report(state, report, "r1", now_s=6)[1] is False  # the same report again changes nothing
+
+
+def dump_request(state: Pending) -> bytes:
+    from supportlens.contracts import encode
+
+    return encode(build_request("r1", state, CATALOG))
+
+
+def load_request(data: bytes):
+    from supportlens.contracts import CorrelatedRequest, decode
+
+    return decode(data, CorrelatedRequest)
