@@ -11,8 +11,17 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from supportlens.contracts import Account, BehaviourEvent, FaultReport, InvalidRecord, Span, decode
-from supportlens.simulator.labels import RunLabel
+from supportlens.contracts import (
+    Account,
+    BehaviourEvent,
+    CorrelatedRequest,
+    DiagnosedReport,
+    FaultReport,
+    InvalidRecord,
+    Span,
+    decode,
+)
+from supportlens.simulator.labels import Label, ReportLabel, RequestLabel, RunLabel
 
 RECORD_TYPES: dict[str, type] = {
     "client-spans": Span,
@@ -82,3 +91,74 @@ def compare(run: RunLabel, seen: Observed) -> list[Comparison]:
     rows = [Comparison(topic, run.counts.get(topic, 0), seen.records.get(topic, 0)) for topic in RECORD_TYPES]
     rows.append(Comparison("requests with a span", run.visible_requests, len(seen.request_ids)))
     return rows
+
+
+CLIENT_SIDE_CLASSES = frozenset({"network_slow", "client_crash", "network_unreachable"})
+
+
+@dataclass
+class Score:
+    """The pipeline's output for one run against its ground truth."""
+
+    expected_requests: set[str]
+    correlated: dict[str, CorrelatedRequest]  # latest version per request id
+    expected_reports: set[str]
+    diagnosed: dict[str, DiagnosedReport]
+    requests: Counter[tuple[str, str]]  # (expected class, diagnosed class)
+    reports: Counter[tuple[str, str]]
+    unobservable: int  # requests whose class only a client span could show, and none was seen
+
+    @property
+    def requests_complete(self) -> bool:
+        return set(self.correlated) == self.expected_requests
+
+    @property
+    def reports_complete(self) -> bool:
+        return set(self.diagnosed) == self.expected_reports
+
+
+def observable_requests(labels: Iterable[Label]) -> dict[str, RequestLabel]:
+    """Requests the pipeline can know of: those with a span on a span topic, and those a fault
+    report names first (the user attached their client span to it)."""
+    labels = list(labels)
+    requests = {l.request_id: l for l in labels if isinstance(l, RequestLabel)}
+    named = {l.request_ids[0] for l in labels if isinstance(l, ReportLabel) and l.request_ids}
+    return {rid: l for rid, l in requests.items() if l.server_spans or l.client_span_emitted or rid in named}
+
+
+def score(labels: Iterable[Label], requests: Iterable[CorrelatedRequest], reports: Iterable[DiagnosedReport]) -> Score:
+    """Confusion of expected against diagnosed classes, for requests and for reports.
+
+    Without a client span (no consent, no report) a slow network or a crash cannot be seen
+    from the server side: such requests count as ``unobservable``, not as misses.
+    """
+    labels = list(labels)
+    truth = observable_requests(labels)
+    report_truth = {l.report_id: l for l in labels if isinstance(l, ReportLabel)}
+    latest: dict[str, CorrelatedRequest] = {}
+    for request in requests:
+        if request.request_id not in latest or latest[request.request_id].version < request.version:
+            latest[request.request_id] = request
+    diagnosed = {r.report_id: r for r in reports if r.report_id in report_truth}
+    request_confusion: Counter[tuple[str, str]] = Counter()
+    unobservable = 0
+    for rid, request in latest.items():
+        label = truth.get(rid)
+        if label is None:
+            continue
+        if not request.has_client and label.expected_class in CLIENT_SIDE_CLASSES:
+            unobservable += 1
+            continue
+        request_confusion[(label.expected_class, request.diagnosis.cls)] += 1
+    report_confusion = Counter((report_truth[rid].expected_class, r.diagnosis.cls) for rid, r in diagnosed.items())
+    return Score(set(truth), {rid: r for rid, r in latest.items()}, set(report_truth), diagnosed,
+                 request_confusion, report_confusion, unobservable)
+
+
+def accuracy_by_class(confusion: Counter[tuple[str, str]]) -> dict[str, tuple[int, int]]:
+    """Per expected class: (diagnosed right, total)."""
+    out: dict[str, tuple[int, int]] = {}
+    for (expected, got), n in confusion.items():
+        right, total = out.get(expected, (0, 0))
+        out[expected] = (right + (n if got == expected else 0), total + n)
+    return dict(sorted(out.items()))

@@ -12,7 +12,7 @@ from typing import Literal
 
 import msgspec
 
-from supportlens.contracts import DiagnosisClass
+from supportlens.contracts import CLASSES, DiagnosisClass
 from supportlens.errors import UserError
 
 DEFAULT_PATH = Path(__file__).with_name("problem_catalog.toml")
@@ -89,7 +89,7 @@ def load_catalog(path: Path = DEFAULT_PATH) -> Catalog:
         raise UserError(f"cannot read the problem catalog {path}: {exc}") from None
     except msgspec.ValidationError as exc:
         raise UserError(f"invalid problem catalog {path}: {exc}") from None
-    missing = set(DiagnosisClass.__args__) - set(catalog.classes)  # type: ignore[attr-defined]
+    missing = set(CLASSES) - set(catalog.classes)
     if missing:
         raise UserError(f"invalid problem catalog {path}: no wording for classes {sorted(missing)}")
     return catalog

@@ -6,7 +6,11 @@ calls these functions; they decide *what* and *when*, never touch Kafka.
 When a request is emitted:
 - both sides seen (a client span and the entry server span): ``settle`` seconds after
   the last span arrived, so stragglers from deeper hops still make it in;
-- a side missing: ``grace`` seconds after the first span arrived;
+- a side missing: once that side's stream, in the same partition, has moved ``grace``
+  seconds past the request in record time (Kafka timestamps, set by our producers, not
+  by device clocks) — so a worker that lags, or catches up after a restart, does not
+  give up on a side it simply has not read yet; or once that stream has been silent
+  for ``grace`` seconds of wall time;
 - a span arriving after emission: at once, as the next ``version``.
 ``version`` is the span count, so re-emitting after a crash repeats identical content.
 A report waiting on a request is diagnosed when the request is emitted.
@@ -14,11 +18,11 @@ A report waiting on a request is diagnosed when the request is emitted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
-from supportlens.contracts import CorrelatedRequest, FaultReport, Hop, Span
+from supportlens.contracts import CorrelatedRequest, FaultReport, Hop, Side, Span
 from streams.catalog import Catalog
 from streams.diagnose import diagnose_spans, root_of
 
@@ -35,6 +39,7 @@ class Pending(msgspec.Struct, kw_only=True):
 
     spans: list[Span] = []
     reports: list[FaultReport] = []  # reports naming this request, not yet answered
+    ref_ms: int = 0  # earliest record timestamp among what joined this request
     first_seen_s: float = 0.0
     last_seen_s: float = 0.0
     emitted_version: int = 0  # span count of the last request emitted; 0 = none yet
@@ -57,8 +62,8 @@ def _identity(span: Span) -> tuple[str, str, str]:
     return (span.side, span.span_id, span.service) if span.span_id else (span.side, str(span.start_us), span.service)
 
 
-def add_span(state: Pending | None, span: Span, now_s: float) -> tuple[Pending, bool]:
-    """The state with ``span`` added; ``False`` when it was already there (a redelivery)."""
+def add_span(state: Pending | None, span: Span, now_s: float, ts_ms: int = 0) -> tuple[Pending, bool]:
+    """The state with ``span`` (from a record stamped ``ts_ms``) added; ``False`` for a redelivery."""
     state = state or Pending(first_seen_s=now_s)
     key = _identity(span)
     if any(_identity(s) == key for s in state.spans):
@@ -67,10 +72,14 @@ def add_span(state: Pending | None, span: Span, now_s: float) -> tuple[Pending, 
     state.last_seen_s = now_s
     if not state.first_seen_s:
         state.first_seen_s = now_s
+    if ts_ms and (not state.ref_ms or ts_ms < state.ref_ms):
+        state.ref_ms = ts_ms
     return state, True
 
 
-def add_report(state: Pending | None, report: FaultReport, request_id: str, now_s: float) -> tuple[Pending, bool]:
+def add_report(
+    state: Pending | None, report: FaultReport, request_id: str, now_s: float, ts_ms: int = 0
+) -> tuple[Pending, bool]:
     """The state with a report waiting on it; ``False`` when nothing was new.
 
     The client spans the user attached for this request join its spans: for a user who
@@ -81,9 +90,11 @@ def add_report(state: Pending | None, report: FaultReport, request_id: str, now_
     if not any(r.report_id == report.report_id for r in state.reports):
         state.reports.append(report)
         changed = True
+        if ts_ms and (not state.ref_ms or ts_ms < state.ref_ms):
+            state.ref_ms = ts_ms
     for span in report.client_log:
         if span.request_id == request_id and span.side == "client":
-            state, added = add_span(state, span, now_s)
+            state, added = add_span(state, span, now_s, ts_ms)
             changed = changed or added
     return state, changed
 
@@ -95,18 +106,43 @@ def sides(state: Pending) -> tuple[Span | None, list[Span]]:
     return client, servers
 
 
+def waiting_for(state: Pending) -> Side | None:
+    """The side a request not yet emitted still waits for; ``None`` when it waits for nothing."""
+    if state.emitted_version:
+        return None
+    client, servers = sides(state)
+    if client is not None and root_of(servers) is not None:
+        return None
+    return "server" if not servers else "client"
+
+
 def due_at(state: Pending, timing: Timing) -> float:
-    """Wall-clock second at which the worker should act on this request next."""
+    """Wall-clock second at which to act on a request that waits for no side."""
     if state.emitted_version:
         if len(state.spans) > state.emitted_version or state.reports:
             return state.last_seen_s  # late news: act now
         return state.emitted_at_s + timing.retain_s  # nothing new: forget it then
-    if not state.spans:
-        return state.first_seen_s + timing.grace_s  # a report whose request we have not seen
-    client, servers = sides(state)
-    if client is not None and root_of(servers) is not None:
-        return state.last_seen_s + timing.settle_s
-    return state.first_seen_s + timing.grace_s
+    return state.last_seen_s + timing.settle_s
+
+
+@dataclass
+class SideClock:
+    """How far each side's stream of one partition has come: record time seen, and when."""
+
+    started_s: float
+    seen_ms: dict[str, int] = field(default_factory=lambda: {"client": 0, "server": 0})
+    arrived_s: dict[str, float] = field(default_factory=dict)
+
+    def observe(self, side: Side, ts_ms: int, now_s: float) -> None:
+        if ts_ms > self.seen_ms[side]:
+            self.seen_ms[side] = ts_ms
+        self.arrived_s[side] = now_s
+
+    def passed(self, side: Side, ref_ms: int, grace_s: float, now_s: float) -> bool:
+        """Has ``side`` moved ``grace_s`` past ``ref_ms``, or been silent for ``grace_s``?"""
+        if self.seen_ms[side] >= ref_ms + grace_s * 1000:
+            return True
+        return now_s - self.arrived_s.get(side, self.started_s) >= grace_s
 
 
 def build_request(request_id: str, state: Pending, catalog: Catalog, drill: bool = False) -> CorrelatedRequest:

@@ -21,12 +21,25 @@ import time
 from typing import Any
 
 import faust
+from aiokafka.partitioner import DefaultPartitioner
 
 from supportlens.config import Settings
 from supportlens.contracts import FaultReport, InvalidRecord, Span, decode, encode
 from supportlens.metrics import Metrics
 from streams.catalog import Catalog
-from streams.correlate import Pending, Timing, add_report, add_span, build_request, due_at, dump, load, mark_emitted
+from streams.correlate import (
+    Pending,
+    SideClock,
+    Timing,
+    add_report,
+    add_span,
+    build_request,
+    due_at,
+    dump,
+    load,
+    mark_emitted,
+    waiting_for,
+)
 from streams.dead_letters import dead_letter_headers
 from streams.diagnose import diagnose_report, primary_request_id
 
@@ -63,7 +76,28 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
     diagnosed_out = app.topic(name["reports-diagnosed"], **raw)
     dlq = app.topic(name["dlq"], **raw)
     pending = app.Table("pending", partitions=settings.partitions, use_partitioner=True, key_type=bytes, value_type=bytes)
-    schedule: list[tuple[float, bytes]] = []  # (due wall second, request id); rebuilt after recovery
+    # In memory, rebuilt from the table after recovery: requests that wait for no side, by
+    # wall second; requests that wait for a side, per (partition, side) by record time.
+    schedule: list[tuple[float, bytes]] = []
+    waiting: dict[tuple[int, str], list[tuple[int, bytes]]] = {}
+    clocks: dict[int, SideClock] = {}
+    partitioner = DefaultPartitioner()
+    all_partitions = list(range(settings.partitions))
+
+    def clock(partition: int) -> SideClock:
+        if partition not in clocks:
+            clocks[partition] = SideClock(started_s=time.time())
+        return clocks[partition]
+
+    def file(key: bytes, state: Pending, partition: int | None = None) -> None:
+        """Put a request where the timer will find it when it is due."""
+        side = waiting_for(state)
+        if side is None:
+            heapq.heappush(schedule, (due_at(state, timing), key))
+            return
+        if partition is None:
+            partition = partitioner(key, all_partitions, all_partitions)
+        heapq.heappush(waiting.setdefault((partition, side), []), (state.ref_ms, key))
 
     async def dead_letter(event: faust.types.EventT, reason: str) -> None:
         message = event.message
@@ -88,7 +122,8 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
                 await dead_letter(event, report.reason)
                 continue
             key = primary_request_id(report) or report.report_id
-            await reports_by_request.send(key=key.encode(), value=event.value)
+            # keep the record time: the correlator compares it with the span streams' times
+            await reports_by_request.send(key=key.encode(), value=event.value, timestamp=event.message.timestamp)
 
     @app.agent(joined)
     async def correlate(stream: faust.StreamT) -> None:
@@ -100,7 +135,10 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
                 await dead_letter(event, record.reason)
                 continue
             now = time.time()
+            ts_ms = int((event.message.timestamp or now) * 1000)
+            partition = event.message.partition
             if isinstance(record, Span):
+                clock(partition).observe(record.side, ts_ms, now)
                 key = record.request_id.encode()
                 if event.key != key:
                     await dead_letter(event, f"record key {event.key!r} is not its request_id "
@@ -111,42 +149,57 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
             stored = pending.get(key)
             state = load(stored) if stored is not None else None
             if isinstance(record, Span):
-                state, changed = add_span(state, record, now)
+                state, changed = add_span(state, record, now, ts_ms)
                 if not changed:
                     metrics.duplicates.inc()
             else:
-                state, changed = add_report(state, record, key.decode(), now)
+                state, changed = add_report(state, record, key.decode(), now, ts_ms)
             if changed:
                 pending[key] = dump(state)
-                heapq.heappush(schedule, (due_at(state, timing), key))
+                file(key, state, partition)
 
     @pending.on_recover
     async def rebuild_schedule() -> None:
         """After a (re)start or rebalance, schedule every request this worker now owns."""
         schedule.clear()
+        waiting.clear()
+        clocks.clear()
+        count = 0
         for key, value in pending.items():
-            schedule.append((due_at(load(value), timing), key))
-        heapq.heapify(schedule)
-        log.info("correlation: %d requests in flight after recovery", len(schedule))
+            file(key, load(value))
+            count += 1
+        log.info("correlation: %d requests in flight after recovery", count)
 
     @app.timer(TICK_S)
     async def emit_due() -> None:
         now = time.time()
+        due: list[bytes] = []
         while schedule and schedule[0][0] <= now:
-            _, key = heapq.heappop(schedule)
+            due.append(heapq.heappop(schedule)[1])
+        for (partition, side), queue in waiting.items():
+            side_clock = clock(partition)
+            while queue and side_clock.passed(side, queue[0][0], timing.grace_s, now):  # type: ignore[arg-type]
+                due.append(heapq.heappop(queue)[1])
+        for key in due:
             stored = pending.get(key)
             if stored is None:
                 continue  # already forgotten, or its partition moved to another worker
             state = load(stored)
-            due = due_at(state, timing)
-            if due > now:
-                heapq.heappush(schedule, (due, key))  # news since it was scheduled moved it
+            if not _is_due(key, state, now):
+                file(key, state)  # news since it was filed changed what it waits for
                 continue
             if await _act(key, state, now) is None:
                 del pending[key]
                 continue
             pending[key] = dump(state)
-            heapq.heappush(schedule, (due_at(state, timing), key))
+            file(key, state)
+
+    def _is_due(key: bytes, state: Pending, now: float) -> bool:
+        side = waiting_for(state)
+        if side is None:
+            return due_at(state, timing) <= now
+        partition = partitioner(key, all_partitions, all_partitions)
+        return clock(partition).passed(side, state.ref_ms, timing.grace_s, now)
 
     async def _act(key: bytes, state: Pending, now: float) -> Pending | None:
         """Emit what is due for one request; ``None`` when it can be forgotten."""

@@ -8,6 +8,7 @@ reads the environment: everything receives a :class:`Settings`.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,20 @@ class Settings(BaseSettings):
         whoever produces it (Faust/aiokafka and the Java clients use murmur2; librdkafka's
         default is CRC32, which would split a request's spans across workers)."""
         return self.kafka_config(partitioner="murmur2_random", **overrides)
+
+    def as_env(self) -> dict[str, str]:
+        """The settings as ``SUPPORTLENS_*`` variables, so a child process resolves the same.
+
+        Secrets are included: hand this only to child processes, never print it.
+        """
+        env = {}
+        for name, value in self.model_dump(mode="json").items():
+            if isinstance(getattr(self, name), SecretStr):
+                value = getattr(self, name).get_secret_value()
+            if value is None:
+                continue
+            env[f"SUPPORTLENS_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+        return env
 
     def public_view(self) -> dict[str, Any]:
         """The settings as a person may see them: secrets masked."""

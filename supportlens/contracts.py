@@ -157,6 +157,8 @@ DiagnosisClass = Literal[
     "client_misuse", "client_crash", "ok", "unknown",
 ]
 
+CLASSES: tuple[str, ...] = DiagnosisClass.__args__  # type: ignore[attr-defined]
+
 
 class Diagnosis(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     """One diagnosis class (DESIGN.md §4) and what it rests on."""

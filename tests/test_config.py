@@ -99,3 +99,15 @@ def test_producers_partition_like_the_java_clients_so_joined_topics_stay_co_part
     settings = load_settings()
     assert settings.producer_config()["partitioner"] == "murmur2_random"
     assert "partitioner" not in settings.kafka_config()
+
+
+def test_a_child_process_resolves_the_same_settings_from_as_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("SUPPORTLENS_KAFKA_SASL_PASSWORD", "pw")
+    original = load_settings(partitions=9, state_dir=tmp_path, locales=("zh-CN", "en"),
+                             kafka_client={"security.protocol": "SSL"}, correlation_grace_s=2.5)
+    monkeypatch.delenv("SUPPORTLENS_KAFKA_SASL_PASSWORD")
+    for key, value in original.as_env().items():
+        monkeypatch.setenv(key, value)
+    again = load_settings()
+    assert again.model_dump() == original.model_dump()
+    assert again.kafka_sasl_password.get_secret_value() == "pw"

@@ -7,7 +7,19 @@ import itertools
 from span_factory import client, server
 from supportlens.contracts import FaultReport
 from streams.catalog import load_catalog
-from streams.correlate import Pending, Timing, add_report, add_span, build_request, due_at, dump, load, mark_emitted
+from streams.correlate import (
+    Pending,
+    SideClock,
+    Timing,
+    add_report,
+    add_span,
+    build_request,
+    due_at,
+    dump,
+    load,
+    mark_emitted,
+    waiting_for,
+)
 
 CATALOG = load_catalog()
 TIMING = Timing(settle_s=2, grace_s=30, retain_s=300)
@@ -20,13 +32,30 @@ def test_a_redelivered_span_is_recognized_and_ignored():
     assert not added and len(state.spans) == 1 and state.last_seen_s == 100
 
 
-def test_a_request_with_both_sides_waits_to_settle_and_one_side_waits_the_grace():
-    state, _ = add_span(None, server("edge-gateway", "s1", "c1", 10, 50), now_s=100)
-    assert due_at(state, TIMING) == 130  # server only: grace from the first span
-    state, _ = add_span(state, client(), now_s=105)
+def test_a_request_waits_for_its_missing_side_then_settles_once_both_are_there():
+    state, _ = add_span(None, server("edge-gateway", "s1", "c1", 10, 50), now_s=100, ts_ms=5_000)
+    assert waiting_for(state) == "client" and state.ref_ms == 5_000
+    state, _ = add_span(state, client(), now_s=105, ts_ms=4_000)
+    assert waiting_for(state) is None and state.ref_ms == 4_000
     assert due_at(state, TIMING) == 107  # both sides: settle after the last span
-    state, _ = add_span(state, server("auth", "s2", "s1", 12, 5), now_s=106)
+    state, _ = add_span(state, server("auth", "s2", "s1", 12, 5), now_s=106, ts_ms=5_100)
     assert due_at(state, TIMING) == 108
+    report_only, _ = add_report(None, FaultReport(report_id="x", received_at_us=1, client_ip="203.0.113.7"), "r9", 1, 9_000)
+    assert waiting_for(report_only) == "server" and report_only.ref_ms == 9_000
+
+
+def test_a_missing_side_is_given_up_when_its_stream_moved_past_in_record_time_or_fell_silent():
+    clock = SideClock(started_s=1000)
+    clock.observe("client", ts_ms=50_000, now_s=1001)
+    # a lagging worker reads server spans of long ago: the server side has not passed yet
+    clock.observe("server", ts_ms=20_000, now_s=1001)
+    assert not clock.passed("server", ref_ms=10_000, grace_s=30, now_s=1005)
+    clock.observe("server", ts_ms=40_001, now_s=1006)  # caught up past ref + grace
+    assert clock.passed("server", ref_ms=10_000, grace_s=30, now_s=1006)
+    # a side that stays silent for the grace period does not hold requests forever
+    assert not clock.passed("client", ref_ms=60_000, grace_s=30, now_s=1030)
+    assert clock.passed("client", ref_ms=60_000, grace_s=30, now_s=1031)
+    assert SideClock(started_s=1000).passed("client", ref_ms=0, grace_s=30, now_s=1030)
 
 
 def test_after_emission_news_is_due_at_once_and_silence_until_retention_ends():

@@ -13,9 +13,10 @@ import pytest
 from confluent_kafka import Producer
 
 from helpers import WorkerProcess, settings_env, supportlens_cmd
+from sinks.run_summary import accuracy_by_class, observable_requests, score
 from supportlens.config import Settings, load_settings
 from supportlens.contracts import CorrelatedRequest, DiagnosedReport, decode
-from supportlens.simulator.labels import ReportLabel, RequestLabel, read_labels, read_run
+from supportlens.simulator.labels import ReportLabel, read_labels, read_run
 from supportlens.simulator.run import SimulateOptions, simulate
 from supportlens.topic_reader import read_range
 from supportlens.topics import provision
@@ -49,16 +50,9 @@ def _wait_for(settings: Settings, requests: int, reports: int, worker: WorkerPro
         time.sleep(0.5)
 
 
-def _observable(labels: list) -> dict[str, RequestLabel]:
-    """Requests the pipeline can know of: those with a span on a span topic, and those a fault
-    report names first (the user attached their client span to it)."""
-    requests = {l.request_id: l for l in labels if isinstance(l, RequestLabel)}
-    named = {l.request_ids[0] for l in labels if isinstance(l, ReportLabel)}
-    return {rid: l for rid, l in requests.items() if l.server_spans or l.client_span_emitted or rid in named}
-
-
-def _latest(copies: list[bytes]) -> CorrelatedRequest:
-    return max((decode(c, CorrelatedRequest) for c in copies), key=lambda r: r.version)
+def _decoded(settings: Settings) -> tuple[list[CorrelatedRequest], list[DiagnosedReport]]:
+    seen, diagnosed = _outputs(settings)
+    return [decode(c, CorrelatedRequest) for copies in seen.values() for c in copies], diagnosed
 
 
 def test_every_scenario_is_correlated_completely_and_reports_diagnosed_as_labelled(kafka, tmp_path):
@@ -71,32 +65,20 @@ def test_every_scenario_is_correlated_completely_and_reports_diagnosed_as_labell
             path = tmp_path / f"{name}.jsonl"
             simulate(settings, SimulateOptions(name, 100, 40, seed=seed, speed=0, labels_path=path))
             labels.extend(read_labels(path))
-        truth = _observable(labels)
-        report_truth = {l.report_id: l for l in labels if isinstance(l, ReportLabel)}
-        seen, diagnosed = _wait_for(settings, len(truth), len(report_truth), worker)
+        expected = observable_requests(labels)
+        _wait_for(settings, len(expected), sum(isinstance(l, ReportLabel) for l in labels), worker)
+        result = score(labels, *_decoded(settings))
     finally:
         worker.stop()
 
-    assert set(seen) == set(truth)  # every visible request, and nothing else
-    # Without a client span (no consent, no report) a slow network or a crash cannot be seen
-    # from the server side: those requests are left out of the request-level score.
-    client_side = {"network_slow", "client_crash", "network_unreachable"}
-    latest = {rid: _latest(c) for rid, c in seen.items()}
-    request_confusion = Counter(
-        (truth[rid].expected_class, r.diagnosis.cls)
-        for rid, r in latest.items()
-        if r.has_client or truth[rid].expected_class not in client_side
-    )
-    report_confusion = Counter((report_truth[r.report_id].expected_class, r.diagnosis.cls) for r in diagnosed)
-    assert {r.report_id for r in diagnosed} == set(report_truth)
-    print("\nrequests (expected → diagnosed):", dict(sorted(request_confusion.items())))
-    print("reports  (expected → diagnosed):", dict(sorted(report_confusion.items())))
-    for confusion in (request_confusion, report_confusion):
-        for cls in {expected for expected, _ in confusion}:
-            total = sum(n for (e, _), n in confusion.items() if e == cls)
-            right = confusion[(cls, cls)]
+    assert result.requests_complete  # every observable request, and nothing else
+    assert result.reports_complete
+    print("\nrequests (expected, diagnosed):", dict(sorted(result.requests.items())), "unobservable:", result.unobservable)
+    print("reports  (expected, diagnosed):", dict(sorted(result.reports.items())))
+    for confusion in (result.requests, result.reports):
+        for cls, (right, total) in accuracy_by_class(confusion).items():
             assert right / total >= 0.95, f"{cls}: {right}/{total} right; {dict(confusion)}"
-    assert {r.locale for r in diagnosed} == {"en", "zh-CN"}
+    assert {r.locale for r in result.diagnosed.values()} == {"en", "zh-CN"}
 
 
 def test_bad_records_go_to_the_dead_letter_topic_and_the_worker_goes_on(kafka, tmp_path):
@@ -154,7 +136,7 @@ def test_a_worker_killed_mid_run_loses_no_request_and_repeats_none_with_other_co
     try:
         assert run.wait(120) == 0, run.stderr.read().decode() if run.stderr else ""
         summary = read_run(labels)
-        truth = set(_observable(list(read_labels(labels))))
+        truth = set(observable_requests(read_labels(labels)))
         seen, diagnosed = _wait_for(settings, len(truth), summary.counts["fault-reports"], worker)
     finally:
         worker.stop()
