@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: venv demo test kafka-start kafka-stop kafka-status services clean
+.PHONY: venv demo test bench kafka-start kafka-stop kafka-status services clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ demo: venv kafka-start
 
 test: venv services
 	$(BIN)/python -m pytest
+
+# Throughput figures, each measured beside its baseline in the same run (not part of `make test`).
+bench: venv kafka-start
+	$(BIN)/python bench/correlation.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -127,15 +127,18 @@ def due_at(state: Pending, timing: Timing) -> float:
 
 @dataclass
 class SideClock:
-    """How far each side's stream of one partition has come: record time seen, and when."""
+    """How far each side's stream of one partition has come: its latest record time, and when.
+
+    The latest, not the highest: a replay (a drill, a simulated past) moves record time
+    backwards, and requests from it must wait for *its* stream, not for one long gone.
+    """
 
     started_s: float
     seen_ms: dict[str, int] = field(default_factory=lambda: {"client": 0, "server": 0})
     arrived_s: dict[str, float] = field(default_factory=dict)
 
     def observe(self, side: Side, ts_ms: int, now_s: float) -> None:
-        if ts_ms > self.seen_ms[side]:
-            self.seen_ms[side] = ts_ms
+        self.seen_ms[side] = ts_ms
         self.arrived_s[side] = now_s
 
     def passed(self, side: Side, ref_ms: int, grace_s: float, now_s: float) -> bool:

@@ -8,14 +8,15 @@ Topology (all joined topics co-partitioned by request id):
 
 Guarantees: state changes are written to the table's changelog before the input offset
 is committed (Faust flushes its producer first), so a killed worker restarts with every
-span it had acknowledged; outputs are sent before the state records them as sent, so a
-crash can only repeat an emission, never lose one, and a repeated request is identical
-(its version is its span count).
+span it had acknowledged; a request leaves the table only after it was sent, so a crash
+can only repeat an emission, never lose one, and a repeated request is identical (its
+version is its span count).
 """
 
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 import logging
 import time
 from typing import Any
@@ -45,6 +46,9 @@ from streams.diagnose import diagnose_report, primary_request_id
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
+BATCH = 1000
+BATCH_WAIT_S = 0.05
+MAX_EMITTED_IN_MEMORY = 200_000
 
 
 def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Metrics | None = None) -> faust.App:
@@ -62,6 +66,11 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
         web_enabled=False,
         producer_acks=-1,
         stream_wait_empty=False,
+        # Every state change is a changelog record: without lingering, each became a
+        # produce request of its own and the worker spent its time waiting on sockets.
+        producer_linger=0.02,
+        producer_max_batch_size=1_048_576,
+        broker_max_poll_records=5000,
         key_serializer="raw",  # records are msgspec JSON, decoded by us: Faust passes bytes through
         value_serializer="raw",
     )
@@ -79,6 +88,9 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
     # In memory, rebuilt from the table after recovery: requests that wait for no side, by
     # wall second; requests that wait for a side, per (partition, side) by record time.
     schedule: list[tuple[float, bytes]] = []
+    # Emitted requests stay in memory (not in the table) for ``retain_s`` so a late span
+    # makes a new version; a restart forgets them, and a late span then starts afresh.
+    emitted: OrderedDict[bytes, Pending] = OrderedDict()
     waiting: dict[tuple[int, str], list[tuple[int, bytes]]] = {}
     clocks: dict[int, SideClock] = {}
     partitioner = DefaultPartitioner()
@@ -127,36 +139,49 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
 
     @app.agent(joined)
     async def correlate(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            topic = logical_of.get(event.message.topic, event.message.topic)
-            metrics.events_in.labels(topic).inc()
-            record = decode_or_none(event, FaultReport if topic == "reports-by-request" else Span)
-            if isinstance(record, InvalidRecord):
-                await dead_letter(event, record.reason)
-                continue
+        # Batches, because Faust's cost is per record and per table write: a request's spans
+        # in one batch cost one table write. Faust acks a batch only after this body ran.
+        async for batch in stream.take_events(BATCH, within=BATCH_WAIT_S):
             now = time.time()
-            ts_ms = int((event.message.timestamp or now) * 1000)
-            partition = event.message.partition
-            if isinstance(record, Span):
-                clock(partition).observe(record.side, ts_ms, now)
-                key = record.request_id.encode()
-                if event.key != key:
-                    await dead_letter(event, f"record key {event.key!r} is not its request_id "
-                                             f"{record.request_id!r}: spans must be keyed by request id")
+            touched: dict[bytes, tuple[Pending, int]] = {}
+            for event in batch:
+                topic = logical_of.get(event.message.topic, event.message.topic)
+                metrics.events_in.labels(topic).inc()
+                record = decode_or_none(event, FaultReport if topic == "reports-by-request" else Span)
+                if isinstance(record, InvalidRecord):
+                    await dead_letter(event, record.reason)
                     continue
-            else:
-                key = event.key or record.report_id.encode()
-            stored = pending.get(key)
-            state = load(stored) if stored is not None else None
-            if isinstance(record, Span):
-                state, changed = add_span(state, record, now, ts_ms)
-                if not changed:
-                    metrics.duplicates.inc()
-            else:
-                state, changed = add_report(state, record, key.decode(), now, ts_ms)
-            if changed:
+                ts_ms = int((event.message.timestamp or now) * 1000)
+                partition = event.message.partition
+                if isinstance(record, Span):
+                    clock(partition).observe(record.side, ts_ms, now)
+                    key = record.request_id.encode()
+                    if event.key != key:
+                        await dead_letter(event, f"record key {event.key!r} is not its request_id "
+                                                 f"{record.request_id!r}: spans must be keyed by request id")
+                        continue
+                else:
+                    key = event.key or record.report_id.encode()
+                state = touched[key][0] if key in touched else current_state(key)
+                if isinstance(record, Span):
+                    state, changed = add_span(state, record, now, ts_ms)
+                    if not changed:
+                        metrics.duplicates.inc()
+                else:
+                    state, changed = add_report(state, record, key.decode(), now, ts_ms)
+                if changed:
+                    touched[key] = (state, partition)
+            for key, (state, partition) in touched.items():
                 pending[key] = dump(state)
+                emitted.pop(key, None)  # back in the table until it is emitted again
                 file(key, state, partition)
+
+    def current_state(key: bytes) -> Pending | None:
+        """What is known of a request: in the table while pending, in memory for a while after."""
+        stored = pending.get(key)
+        if stored is not None:
+            return load(stored)
+        return emitted.get(key)
 
     @pending.on_recover
     async def rebuild_schedule() -> None:
@@ -183,40 +208,43 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
         for key in due:
             stored = pending.get(key)
             if stored is None:
-                continue  # already forgotten, or its partition moved to another worker
+                continue  # emitted already, or its partition moved to another worker
             state = load(stored)
-            if not _is_due(key, state, now):
+            if not is_due(key, state, now):
                 file(key, state)  # news since it was filed changed what it waits for
                 continue
-            if await _act(key, state, now) is None:
-                del pending[key]
-                continue
-            pending[key] = dump(state)
-            file(key, state)
+            act(key, state, now)
+            # Sent first, forgotten second: a crash in between repeats an identical request.
+            del pending[key]
+            if state.spans:
+                emitted[key] = state
+        while emitted:
+            key, state = next(iter(emitted.items()))
+            if state.emitted_at_s + timing.retain_s > now and len(emitted) <= MAX_EMITTED_IN_MEMORY:
+                break
+            del emitted[key]
 
-    def _is_due(key: bytes, state: Pending, now: float) -> bool:
+    def is_due(key: bytes, state: Pending, now: float) -> bool:
         side = waiting_for(state)
         if side is None:
             return due_at(state, timing) <= now
         partition = partitioner(key, all_partitions, all_partitions)
         return clock(partition).passed(side, state.ref_ms, timing.grace_s, now)
 
-    async def _act(key: bytes, state: Pending, now: float) -> Pending | None:
-        """Emit what is due for one request; ``None`` when it can be forgotten."""
-        has_news = len(state.spans) > state.emitted_version or state.reports
-        if not has_news:
-            return None
+    def act(key: bytes, state: Pending, now: float) -> None:
+        """Send the request if it knows more than what was sent, and answer waiting reports."""
         request = build_request(key.decode(), state, catalog) if state.spans else None
         if request is not None and len(state.spans) > state.emitted_version:
-            await requests_out.send(key=key, value=encode(request))
+            # send_soon: Faust's producer buffer, FIFO with the table's changelog writes and
+            # flushed before any offset commit, so the request precedes its deletion.
+            requests_out.send_soon(key=key, value=encode(request))
             metrics.events_out.labels("requests").inc()
             metrics.emit_delay.observe(now - state.first_seen_s)
         for report in state.reports:
             diagnosed = diagnose_report(report, request, catalog, int(now * 1_000_000))
-            await diagnosed_out.send(key=report.report_id.encode(), value=encode(diagnosed))
+            diagnosed_out.send_soon(key=report.report_id.encode(), value=encode(diagnosed))
             metrics.events_out.labels("reports-diagnosed").inc()
         mark_emitted(state, now)
-        return state if state.spans else None
 
     return app
 

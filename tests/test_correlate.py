@@ -58,6 +58,13 @@ def test_a_missing_side_is_given_up_when_its_stream_moved_past_in_record_time_or
     assert SideClock(started_s=1000).passed("client", ref_ms=0, grace_s=30, now_s=1030)
 
 
+def test_a_replay_of_the_past_waits_for_its_own_stream_not_for_one_long_gone():
+    clock = SideClock(started_s=0)
+    clock.observe("server", ts_ms=1_000_000_000, now_s=1)  # today's traffic
+    clock.observe("server", ts_ms=500_000_000, now_s=2)  # then a replay of yesterday
+    assert not clock.passed("server", ref_ms=500_010_000, grace_s=30, now_s=3)
+
+
 def test_after_emission_news_is_due_at_once_and_silence_until_retention_ends():
     state, _ = add_span(None, client(), now_s=100)
     mark_emitted(state, now_s=130)
