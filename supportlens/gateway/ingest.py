@@ -1,0 +1,305 @@
+"""The gateway's decisions as pure functions: consent, body decoding, the records to produce.
+
+Nothing here does I/O. Handlers in :mod:`supportlens.gateway.app` read a request, call
+these, and hand the resulting :class:`OutRecord` list to the producer. A problem the
+client can fix raises :class:`RequestRejected` with the HTTP status and a message that
+names the problem (and the field, where there is one).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import msgspec
+
+from supportlens import contracts
+from supportlens.contracts import BehaviourEvent, FaultReport, InvalidRecord, Span
+from supportlens.gateway.addresses import ClientAddressPolicy
+from supportlens.otlp import RequestIdRule, attributes_dict, normalize_request
+
+CLIENT_SPANS, SERVER_SPANS, FAULT_REPORTS, BEHAVIOUR = "client-spans", "server-spans", "fault-reports", "behaviour"
+CONSENT_ATTRIBUTE = "supportlens.consent"
+CONSENT_GRANTED = "granted"
+ATTACHED_TO_REPORT = "attached_to_report"
+# HTTP "deflate" is the zlib format (RFC 9110 §8.4.1.2); 16 + MAX_WBITS asks zlib for a gzip header.
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+_REASONS_SHOWN = 3
+
+_json_decoder = msgspec.json.Decoder()
+
+
+class RequestRejected(Exception):
+    """A request the client has to change; ``status`` is the HTTP answer, ``message`` says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class OutRecord(NamedTuple):
+    """One record to produce; ``topic`` is the logical name (``client-spans``), not the prefixed one."""
+
+    topic: str
+    key: str
+    value: bytes
+
+
+def too_large(limit: int, what: str = "request body") -> RequestRejected:
+    return RequestRejected(413, f"{what} is larger than the limit of {limit:,} bytes")
+
+
+# --- bodies ------------------------------------------------------------------------------
+
+
+def decompress_body(body: bytes, content_encoding: str, limit: int) -> bytes:
+    """The body as sent before compression, never more than ``limit`` bytes of it in memory.
+
+    Raises :class:`RequestRejected`: 415 for an unsupported encoding, 400 for data that is
+    not what the encoding says, 413 when it would inflate past ``limit`` (a zip bomb stops
+    there, after at most ``limit + 1`` bytes were produced).
+    """
+    encoding = content_encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in _WBITS:
+        raise RequestRejected(415, f"Content-Encoding {encoding!r} is not supported; use gzip, deflate or none")
+    inflater = zlib.decompressobj(_WBITS[encoding])
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise RequestRejected(400, f"body is not valid {encoding} data ({exc})") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise too_large(limit, f"{encoding}-decompressed request body")
+    if not inflater.eof:
+        raise RequestRejected(400, f"body is not valid {encoding} data (it ends too early)")
+    if inflater.unused_data:
+        raise RequestRejected(400, f"body has data after the end of its {encoding} stream")
+    return data
+
+
+def parse_json(body: bytes) -> Any:
+    """Any JSON value; malformed JSON is a 400 that says where it broke."""
+    try:
+        return _json_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise RequestRejected(400, f"body is {contracts.explain(str(exc))}") from None
+
+
+def parse_json_object(body: bytes, what: str) -> dict[str, Any]:
+    value = parse_json(body)
+    if not isinstance(value, dict):
+        raise RequestRejected(400, f"{what} must be a JSON object, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return names.get(type(value), "null")
+
+
+# --- spans (OTLP) ------------------------------------------------------------------------
+
+
+@dataclass
+class SpanBatch:
+    """What became of the spans of one export request."""
+
+    spans: list[Span] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # why spans were rejected, with their path
+    rejected: int = 0  # spans that could not be read
+    withheld: int = 0  # client spans of users who did not consent: not stored
+
+    @property
+    def refused(self) -> int:
+        return self.rejected + self.withheld
+
+    def message(self) -> str:
+        """The first few reasons, for OTLP's ``partialSuccess.errorMessage``."""
+        reasons = list(self.reasons)
+        if self.withheld:
+            reasons.insert(
+                0,
+                f"{self.withheld} client span(s) not stored: resource attribute "
+                f"{CONSENT_ATTRIBUTE} is not \"{CONSENT_GRANTED}\"",
+            )
+        shown = "; ".join(reasons[:_REASONS_SHOWN])
+        more = len(reasons) - _REASONS_SHOWN
+        return f"{shown}; and {more} more" if more > 0 else shown
+
+
+def accept_spans(
+    payload: Mapping[str, Any], rule: RequestIdRule, client_ip: str, policy: ClientAddressPolicy
+) -> SpanBatch:
+    """Normalize an OTLP/JSON ``ExportTraceServiceRequest`` from a caller at ``client_ip``.
+
+    Resources that declare ``supportlens.side=server`` are backend services and need no
+    consent; every other resource is a client app whose spans are kept only when its
+    resource attribute ``supportlens.consent`` is ``"granted"`` (the rest are counted as
+    withheld). Client spans get the caller's address (anonymized when configured);
+    server spans carry none. Raises :class:`RequestRejected` (400) when ``resourceSpans``
+    is not a list or a span is not shaped like OTLP at all.
+    """
+    batch = SpanBatch()
+    screened = _screen_resources(payload, batch)
+    if not screened:
+        return batch
+    normalized = normalize_request({"resourceSpans": screened}, rule, "client", client_ip)
+    batch.reasons.extend(normalized.rejected)
+    batch.rejected += len(normalized.rejected)
+    for span in normalized.spans:
+        if span.side == "client":
+            span = msgspec.structs.replace(span, client_ip=policy.scrub(span.client_ip))
+        batch.spans.append(span)
+    return batch
+
+
+def _screen_resources(payload: Mapping[str, Any], batch: SpanBatch) -> list[Any]:
+    """``resourceSpans`` with unconsented and unreadable resources replaced by empty stand-ins.
+
+    The stand-ins keep every other resource at its index, so the normalizer's rejection
+    paths (``resourceSpans[2]…``) still point into the request the client sent.
+    """
+    resource_spans = payload.get("resourceSpans")
+    if resource_spans is None:
+        return []  # an empty export request is valid OTLP
+    if not isinstance(resource_spans, list):
+        raise RequestRejected(400, f"`resourceSpans` must be a list, got {_json_type(resource_spans)}")
+    screened: list[Any] = []
+    for index, resource_span in enumerate(resource_spans):
+        if isinstance(resource_span, Mapping):
+            try:
+                attributes = _resource_attributes(resource_span)
+            except ValueError as exc:
+                batch.reasons.append(f"resourceSpans[{index}]: {exc}")
+                batch.rejected += _span_count(resource_span)
+                resource_span = {}
+            else:
+                if not _may_store(attributes):
+                    batch.withheld += _span_count(resource_span)
+                    resource_span = {}
+        screened.append(resource_span)
+    return screened
+
+
+def _resource_attributes(resource_span: Mapping[str, Any]) -> dict[str, Any]:
+    """The resource's attributes; raises ``ValueError`` when the resource or its scopes are not shaped like OTLP."""
+    resource = resource_span.get("resource") or {}
+    if not isinstance(resource, Mapping):
+        raise ValueError("`resource` is not an object")
+    items = resource.get("attributes") or []
+    if not isinstance(items, list) or not all(isinstance(kv, Mapping) for kv in items):
+        raise ValueError("`resource.attributes` is not a list of key-value objects")
+    scopes = resource_span.get("scopeSpans") or []
+    if not isinstance(scopes, list) or not all(isinstance(scope, Mapping) for scope in scopes if scope):
+        raise ValueError("`scopeSpans` is not a list of objects")
+    try:
+        return attributes_dict(items)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise ValueError(f"`resource.attributes`: {exc}") from None
+
+
+def _may_store(resource: Mapping[str, Any]) -> bool:
+    return resource.get("supportlens.side") == "server" or resource.get(CONSENT_ATTRIBUTE) == CONSENT_GRANTED
+
+
+def _span_count(resource_span: Mapping[str, Any]) -> int:
+    scopes = resource_span.get("scopeSpans")
+    if not isinstance(scopes, list):
+        return 1
+    return sum(len(scope.get("spans") or []) if isinstance(scope, Mapping) else 1 for scope in scopes)
+
+
+def span_records(spans: Sequence[Span]) -> list[OutRecord]:
+    """Client spans to ``client-spans``, server spans to ``server-spans``, keyed by request id."""
+    return [
+        OutRecord(CLIENT_SPANS if span.side == "client" else SERVER_SPANS, span.request_id, contracts.encode(span))
+        for span in spans
+    ]
+
+
+# --- fault reports -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AcceptedReport:
+    report: FaultReport
+    attached_spans: list[Span]  # its client_log, each marked with the report it came with
+
+    def records(self) -> list[OutRecord]:
+        """The report on ``fault-reports``; its attached spans on ``client-spans``."""
+        return [
+            OutRecord(FAULT_REPORTS, self.report.report_id, contracts.encode(self.report)),
+            *span_records(self.attached_spans),
+        ]
+
+
+def accept_fault_report(
+    body: bytes,
+    *,
+    received_at_us: int,
+    client_ip: str,
+    new_report_id: Callable[[], str],
+    policy: ClientAddressPolicy,
+    max_bytes: int,
+) -> AcceptedReport:
+    """Validate a one-click report; the gateway's own view replaces what the client claimed.
+
+    ``received_at_us`` and ``client_ip`` always come from the gateway; ``report_id`` is
+    the client's when it sent one (so a retried report keeps its id), else a new one.
+    The spans of ``client_log`` were attached by the user's explicit action, so they are
+    stored whatever the tracing consent: as client spans (whatever side they claim),
+    addresses anonymized when configured, attribute ``attached_to_report`` = the report id.
+    Raises :class:`RequestRejected` (400) whose message names the offending field.
+    """
+    raw = parse_json_object(body, "a fault report")
+    raw["received_at_us"] = received_at_us
+    raw["client_ip"] = client_ip
+    if raw.get("report_id") in (None, ""):
+        raw["report_id"] = new_report_id()
+    report = _validated(raw, FaultReport, max_bytes)
+    own_log = [
+        msgspec.structs.replace(span, side="client", client_ip=policy.scrub(span.client_ip))
+        for span in report.client_log
+    ]
+    attached = []
+    for index, span in enumerate(own_log):
+        marked = msgspec.structs.replace(span, attributes={**span.attributes, ATTACHED_TO_REPORT: report.report_id})
+        # re-validated: the added attribute must not push the span past the contract's limits
+        attached.append(_validated(msgspec.to_builtins(marked), Span, max_bytes, where=f"client_log[{index}]: "))
+    return AcceptedReport(msgspec.structs.replace(report, client_log=own_log), attached)
+
+
+# --- behaviour ---------------------------------------------------------------------------
+
+
+def consented(header: str | None) -> bool:
+    """Behaviour consent travels as ``X-Supportlens-Consent: granted``; anything else is no consent."""
+    return (header or "").strip().lower() == CONSENT_GRANTED
+
+
+def decode_behaviour(body: bytes, max_bytes: int) -> list[BehaviourEvent]:
+    """One event object or an array of them; the first invalid one rejects the request (400)."""
+    value = parse_json(body)
+    if isinstance(value, dict):
+        return [_validated(value, BehaviourEvent, max_bytes)]
+    if not isinstance(value, list):
+        raise RequestRejected(400, f"behaviour must be an event object or an array of them, got {_json_type(value)}")
+    return [_validated(item, BehaviourEvent, max_bytes, where=f"events[{i}]: ") for i, item in enumerate(value)]
+
+
+def behaviour_records(events: Sequence[BehaviourEvent]) -> list[OutRecord]:
+    return [OutRecord(BEHAVIOUR, event.user_id, contracts.encode(event)) for event in events]
+
+
+def _validated(raw: Any, record_type: type[contracts.R], max_bytes: int, where: str = "") -> contracts.R:
+    """``raw`` through the contract's strict decoder, so unknown fields land in ``attributes``."""
+    if not isinstance(raw, dict):
+        raise RequestRejected(400, f"{where}invalid {contracts.KIND_NAMES[record_type]}: expected a JSON object")
+    try:
+        return contracts.decode(msgspec.json.encode(raw), record_type, max_bytes)
+    except InvalidRecord as exc:
+        raise RequestRejected(400, f"{where}{exc}") from None

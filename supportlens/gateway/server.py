@@ -1,0 +1,82 @@
+"""``supportlens gateway``: serve until SIGINT or SIGTERM, then stop listening, finish, flush, exit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from supportlens.config import Settings
+from supportlens.errors import UserError
+from supportlens.gateway.app import GATEWAY, Counters, build_app, public_base_url
+from supportlens.gateway.ingest import BEHAVIOUR, CLIENT_SPANS, FAULT_REPORTS, SERVER_SPANS
+from supportlens.gateway.producer import KafkaRecordSink
+from supportlens.gateway.status import DIAGNOSED_TOPIC, DiagnosedReportFollower, ReportBook
+from supportlens.topics import require_topics
+
+log = logging.getLogger(__name__)
+
+TOPICS_USED = (CLIENT_SPANS, SERVER_SPANS, FAULT_REPORTS, BEHAVIOUR, DIAGNOSED_TOPIC)
+
+
+async def open_site(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Listen on ``host:port``. Bodies reach the handlers as sent: the gateway inflates
+    compressed ones itself, with a bound (aiohttp's own inflating would not be bounded
+    the same way on every version)."""
+    runner = web.AppRunner(app, auto_decompress=False, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise UserError(
+            f"the gateway cannot listen on {host}:{port}: {exc.strerror or exc}",
+            hint="choose another address with SUPPORTLENS_GATEWAY_HOST / SUPPORTLENS_GATEWAY_PORT",
+        ) from None
+    return runner
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> Counters:
+    """Serve until ``stop`` is set; then stop listening, let requests in flight finish and flush.
+
+    Raises :class:`UserError` when Kafka does not answer, a topic is missing, a setting is
+    wrong or the address is taken: all before anything was accepted.
+    """
+    require_topics(settings, TOPICS_USED)
+    book = ReportBook()
+    sink = KafkaRecordSink(settings)
+    follower = DiagnosedReportFollower(settings, book.add_diagnoses)
+    try:
+        app = build_app(settings, sink, book)
+        follower.start(asyncio.get_running_loop())
+        sink.start()
+        runner = await open_site(app, settings.gateway_host, settings.gateway_port)
+        try:
+            log.info("gateway listening at %s (Kafka %s)", public_base_url(settings), settings.kafka_bootstrap)
+            await stop.wait()
+            log.info("gateway stopping")
+        finally:
+            await runner.cleanup()
+    finally:
+        follower.stop()
+        await sink.close()
+    if follower.invalid:
+        log.warning("%d records on %s could not be decoded", follower.invalid, settings.topic(DIAGNOSED_TOPIC))
+    return app[GATEWAY].counters
+
+
+def run_gateway(settings: Settings) -> None:
+    """Serve until SIGINT or SIGTERM (see :func:`serve`); logs what was done on the way out."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve_until_signalled(settings))
+
+
+async def _serve_until_signalled(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    counters = await serve(settings, stop)
+    log.info("gateway stopped cleanly: %s", counters)
