@@ -134,13 +134,14 @@ def normalize_span(
     if isp or asn or connection:
         network = Network(isp=str(isp or ""), asn=int(asn or 0), connection_type=str(connection or ""))
     declared_side = merged.get("supportlens.side")
+    final_side = declared_side if declared_side in ("client", "server") else side
     extra = {k: _scalar(v) for k, v in merged.items() if k not in _CONSUMED and k not in rule.attributes}
     fields = {
         "request_id": str(request_id),
         "trace_id": trace_id,
         "span_id": str(span.get("spanId") or "").lower(),
         "parent_span_id": str(span.get("parentSpanId") or "").lower(),
-        "side": declared_side if declared_side in ("client", "server") else side,
+        "side": final_side,
         "service": str(resource.get("service.name") or "unknown_service"),
         "operation": str(span.get("name") or ""),
         "start_us": start // 1000,
@@ -149,7 +150,8 @@ def normalize_span(
         "http_status": http_status,
         "error_code": str(_first(attrs, _ERROR_CODE_KEYS) or ""),
         "error_message": str(status.get("message") or ""),
-        "client_ip": (client_ip or str(_first(attrs, _CLIENT_IP_KEYS) or "")) if side == "client" else "",
+        # the caller's address belongs to client spans only: a backend's span never carries it
+        "client_ip": (client_ip or str(_first(attrs, _CLIENT_IP_KEYS) or "")) if final_side == "client" else "",
         "user_id": str(_first(merged, _USER_KEYS) or ""),
         "account_id": str(_first(merged, _ACCOUNT_KEYS) or ""),
         "app_version": str(_first(merged, _APP_VERSION_KEYS) or ""),
@@ -174,12 +176,23 @@ def normalize_request(
         out.rejected.append("resourceSpans: missing or not a list")
         return out
     for r, resource_span in enumerate(resource_spans):
-        if not isinstance(resource_span, Mapping):
-            out.rejected.append(f"resourceSpans[{r}]: not an object")
+        try:
+            if not isinstance(resource_span, Mapping):
+                raise ValueError("not an object")
+            resource = attributes_dict((resource_span.get("resource") or {}).get("attributes"))
+            scope_spans = resource_span.get("scopeSpans") or []
+            if not isinstance(scope_spans, list):
+                raise ValueError("`scopeSpans` is not a list")
+        except _SHAPE_ERRORS as exc:
+            out.rejected.append(f"resourceSpans[{r}]: {_shape(exc)}")
             continue
-        resource = attributes_dict((resource_span.get("resource") or {}).get("attributes"))
-        for s, scope_span in enumerate(resource_span.get("scopeSpans") or []):
-            for i, span in enumerate((scope_span or {}).get("spans") or []):
+        for s, scope_span in enumerate(scope_spans):
+            spans = scope_span.get("spans") if isinstance(scope_span, Mapping) else None
+            if not isinstance(spans, list):
+                if scope_span:
+                    out.rejected.append(f"resourceSpans[{r}].scopeSpans[{s}]: `spans` is not a list")
+                continue
+            for i, span in enumerate(spans):
                 where = f"resourceSpans[{r}].scopeSpans[{s}].spans[{i}]"
                 try:
                     if not isinstance(span, Mapping):
@@ -187,9 +200,17 @@ def normalize_request(
                     out.spans.append(normalize_span(span, resource, rule, side, client_ip))
                 except InvalidRecord as exc:
                     out.rejected.append(f"{where}: {exc.reason}")
-                except (ValueError, TypeError, KeyError) as exc:
-                    out.rejected.append(f"{where}: {exc}")
+                except _SHAPE_ERRORS as exc:
+                    out.rejected.append(f"{where}: {_shape(exc)}")
     return out
+
+
+# A JSON value of the wrong shape (a string where OTLP has an object) surfaces as any of these.
+_SHAPE_ERRORS = (ValueError, TypeError, KeyError, AttributeError)
+
+
+def _shape(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, ValueError) else "a field that must be an object or list is not"
 
 
 def _is_hex(value: str, length: int) -> bool:

@@ -52,7 +52,7 @@ def end_offsets(settings: Settings, topics: Iterable[str], timeout: float = 10.0
 
 # For a moment after a topic is created (or a broker restarts) its leader is not settled;
 # librdkafka does not flag all of these as retriable, so they are named here.
-_TRANSIENT = {
+TRANSIENT_ERRORS = {
     KafkaError.NOT_LEADER_FOR_PARTITION,
     KafkaError.LEADER_NOT_AVAILABLE,
     KafkaError.UNKNOWN_TOPIC_OR_PART,
@@ -67,7 +67,7 @@ def _high_watermark(consumer: Consumer, tp: TopicPartition, timeout: float) -> i
             return consumer.get_watermark_offsets(tp, timeout=timeout)[1]
         except KafkaException as exc:
             error = exc.args[0]
-            if not (error.retriable() or error.code() in _TRANSIENT) or time.monotonic() > deadline:
+            if not (error.retriable() or error.code() in TRANSIENT_ERRORS) or time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
 

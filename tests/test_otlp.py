@@ -112,3 +112,24 @@ def test_bad_spans_are_rejected_one_by_one_and_good_neighbours_kept():
 
 def test_a_payload_without_resource_spans_is_rejected_as_a_whole():
     assert normalize_request({"spans": []}, RULE, side="server").rejected == ["resourceSpans: missing or not a list"]
+
+
+def test_wrongly_shaped_json_is_rejected_with_its_path_never_raised():
+    payload = {"resourceSpans": [
+        {"resource": "oops", "scopeSpans": []},
+        {"resource": {"attributes": []}, "scopeSpans": "nope"},
+        {"resource": {"attributes": []}, "scopeSpans": [{"spans": "x"}]},
+        _payload(_span(status="broken"))["resourceSpans"][0],
+        _payload(_span())["resourceSpans"][0],
+    ]}
+    result = normalize_request(payload, RULE, side="server")
+    assert len(result.spans) == 1
+    assert [r.split(":")[0] for r in result.rejected] == [
+        "resourceSpans[0]", "resourceSpans[1]", "resourceSpans[2].scopeSpans[0]", "resourceSpans[3].scopeSpans[0].spans[0]",
+    ]
+
+
+def test_a_span_declared_server_side_never_carries_the_callers_address():
+    resource = {"service.name": "payment", "supportlens.side": "server"}
+    (span,) = normalize_request(_payload(_span(), resource=resource), RULE, side="client", client_ip="203.0.113.9").spans
+    assert (span.side, span.client_ip) == ("server", "")
