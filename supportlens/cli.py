@@ -147,11 +147,11 @@ def validate(
 @app.command()
 def demo(
     ctx: typer.Context,
-    rate: Annotated[float, typer.Option(help="Requests per simulated second at the daily peak.")] = 400.0,
+    rate: Annotated[float, typer.Option(help="Requests per simulated second at the daily peak.")] = 150.0,
     duration: Annotated[int, typer.Option(help="Simulated seconds per scenario.")] = 60,
-    out: Annotated[Path, typer.Option(help="Where labels of each scenario go.")] = Path("out/demo"),
+    out: Annotated[Path, typer.Option(help="Where labels and the worker's log go.")] = Path("out/demo"),
 ) -> None:
-    """Run every scripted scenario through Kafka and print what landed, per scenario."""
+    """Run every scripted scenario through Kafka and a worker; print what was correlated and diagnosed."""
     from supportlens.demo import run_demo
 
     run_demo(ctx.obj, console, rate=rate, duration_s=duration, out_dir=out, progress=_progress)
