@@ -102,13 +102,11 @@ def diagnose_spans(client: Span | None, servers: list[Span], catalog: Catalog) -
 
 
 def primary_request_id(report: FaultReport) -> str:
-    """The request a report is about: the first it names that failed on the device, else the first it names."""
-    failed = {s.request_id for s in report.client_log if s.status == "error"}
-    for request_id in report.request_ids:
-        if request_id in failed:
-            return request_id
+    """The request a report is about: the first it names (the app lists it first); with none
+    named, the one request that failed in its client log, if exactly one did."""
     if report.request_ids:
         return report.request_ids[0]
+    failed = {s.request_id for s in report.client_log if s.status == "error"}
     return failed.pop() if len(failed) == 1 else ""
 
 

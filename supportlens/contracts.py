@@ -106,7 +106,7 @@ class FaultReport(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
     platform: Name = ""
     region: Name = ""
     network: Network | None = None
-    request_ids: Annotated[list[Id], Meta(max_length=50)] = []
+    request_ids: Annotated[list[Id], Meta(max_length=50)] = []  # the first is the one reported
     error_code: Name = ""
     user_message: Text = ""
     client_log: Annotated[list[Span], Meta(max_length=200)] = []

@@ -150,15 +150,21 @@ def _print_scenario(console: Console, settings: Settings, run: RunLabel, seen: O
     return problems
 
 
+SHORT = {"network_unreachable": "unreach", "network_slow": "net-slow", "server_error": "srv-err",
+         "server_slow": "srv-slow", "client_misuse": "misuse", "client_crash": "crash", "ok": "ok", "unknown": "unknown"}
+
+
 def _confusion_table(title: str, confusion: Counter[tuple[str, str]]) -> Table:
+    """Rows: the class the ground truth expects; columns: what the worker diagnosed."""
     present = [c for c in CLASSES if any(c in pair for pair in confusion)]
-    table = Table("expected ↓ / diagnosed →", *present, title=title)
+    table = Table("expected", *(SHORT[c] for c in present), title=f"{title} (columns: diagnosed)",
+                  caption=", ".join(f"{SHORT[c]} = {c}" for c in present if SHORT[c] != c))
     for expected in present:
         cells = []
         for got in present:
             n = confusion.get((expected, got), 0)
             cells.append("" if not n else f"[green]{n:,}[/]" if got == expected else f"[red]{n:,}[/]")
-        table.add_row(expected, *cells)
+        table.add_row(SHORT[expected], *cells)
     return table
 
 

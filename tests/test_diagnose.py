@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from span_factory import T0, client, server
@@ -112,12 +113,13 @@ def test_a_report_on_a_request_we_never_saw_is_diagnosed_from_the_attached_clien
     assert nothing.diagnosis.cls == "unknown"
 
 
-def test_the_primary_request_is_the_first_named_one_that_failed():
-    ok = client(request_id="a", span_id="ca")
-    bad = client(request_id="b", span_id="cb", status="error", error_code="DNS_FAILURE")
-    assert primary_request_id(_report(request_ids=["a", "b"], client_log=[ok, bad])) == "b"
-    assert primary_request_id(_report(request_ids=["a"], client_log=[])) == "a"
-    assert primary_request_id(_report(request_ids=[], client_log=[bad])) == "b"
+def test_the_report_is_about_the_first_request_it_names_even_when_another_failed():
+    slow = client(request_id="a", span_id="ca", duration_us=9_000_000)
+    refused = client(request_id="b", span_id="cb", status="error", http_status=401, error_code="ORDER_BEFORE_LOGIN")
+    assert primary_request_id(_report(request_ids=["a", "b"], client_log=[refused, slow])) == "a"
+    assert primary_request_id(_report(request_ids=[], client_log=[slow, refused])) == "b"
+    another = msgspec.structs.replace(refused, request_id="c", span_id="cc")
+    assert primary_request_id(_report(request_ids=[], client_log=[refused, another])) == ""  # ambiguous
 
 
 def test_every_class_has_wording_in_every_locale():
