@@ -107,6 +107,7 @@ class Score:
     requests: Counter[tuple[str, str]]  # (expected class, diagnosed class)
     reports: Counter[tuple[str, str]]
     unobservable: int  # requests whose class only a client span could show, and none was seen
+    unexpected: int  # correlated request ids this run never sent (another run's, or a bug)
 
     @property
     def requests_complete(self) -> bool:
@@ -136,23 +137,24 @@ def score(labels: Iterable[Label], requests: Iterable[CorrelatedRequest], report
     truth = observable_requests(labels)
     report_truth = {l.report_id: l for l in labels if isinstance(l, ReportLabel)}
     latest: dict[str, CorrelatedRequest] = {}
+    unexpected: set[str] = set()
     for request in requests:
-        if request.request_id not in latest or latest[request.request_id].version < request.version:
+        if request.request_id not in truth:
+            unexpected.add(request.request_id)
+        elif request.request_id not in latest or latest[request.request_id].version < request.version:
             latest[request.request_id] = request
     diagnosed = {r.report_id: r for r in reports if r.report_id in report_truth}
     request_confusion: Counter[tuple[str, str]] = Counter()
     unobservable = 0
     for rid, request in latest.items():
-        label = truth.get(rid)
-        if label is None:
-            continue
+        label = truth[rid]
         if not request.has_client and label.expected_class in CLIENT_SIDE_CLASSES:
             unobservable += 1
             continue
         request_confusion[(label.expected_class, request.diagnosis.cls)] += 1
     report_confusion = Counter((report_truth[rid].expected_class, r.diagnosis.cls) for rid, r in diagnosed.items())
-    return Score(set(truth), {rid: r for rid, r in latest.items()}, set(report_truth), diagnosed,
-                 request_confusion, report_confusion, unobservable)
+    return Score(set(truth), latest, set(report_truth), diagnosed,
+                 request_confusion, report_confusion, unobservable, len(unexpected))
 
 
 def accuracy_by_class(confusion: Counter[tuple[str, str]]) -> dict[str, tuple[int, int]]:

@@ -42,8 +42,12 @@ def run_demo(
     out_dir: Path,
     progress: Callable[[], Progress],
 ) -> None:
-    """Run the scenarios through Kafka and a worker; raise :class:`UserError` if anything is off."""
-    settings = settings.model_copy(update=DEMO_TIMING)
+    """Run the scenarios through Kafka and a worker; raise :class:`UserError` if anything is off.
+
+    The demo works in its own namespace (``<topic prefix>demo.``): it never reads or writes
+    the pipeline's real topics, whatever cluster the settings point at.
+    """
+    settings = settings.model_copy(update={**DEMO_TIMING, "topic_prefix": f"{settings.topic_prefix}demo."})
     provision(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     console.print(
@@ -100,11 +104,15 @@ def _base_env() -> dict[str, str]:
 
 
 def _await_outputs(settings: Settings, before: Offsets, labels: list, worker: subprocess.Popen[bytes],
-                   timeout: float = 120.0) -> Score:
-    """Read the worker's outputs for this run until every expected request and report is there."""
+                   stall_s: float = 60.0) -> Score:
+    """Read the worker's outputs for this run until every expected request and report is there.
+
+    Gives up only when the worker stops making progress for ``stall_s`` (a worker still
+    catching up on an earlier backlog is progress) or exits.
+    """
     outputs = {tp: offset for tp, offset in before.items() if tp[0] in {settings.topic(t) for t in OUTPUTS}}
     requests_topic = settings.topic("requests")
-    deadline = time.monotonic() + timeout
+    progress, last_change = -1, time.monotonic()
     while True:
         requests, reports = [], []
         for message in read_range(settings, outputs):
@@ -113,8 +121,11 @@ def _await_outputs(settings: Settings, before: Offsets, labels: list, worker: su
             else:
                 reports.append(decode(message.value(), DiagnosedReport))
         result = score(labels, requests, reports)
-        done = len(result.correlated) >= len(result.expected_requests) and len(result.diagnosed) >= len(result.expected_reports)
-        if done or time.monotonic() > deadline or worker.poll() is not None:
+        if result.requests_complete and result.reports_complete:
+            return result
+        if len(requests) + len(reports) != progress:
+            progress, last_change = len(requests) + len(reports), time.monotonic()
+        if time.monotonic() - last_change > stall_s or worker.poll() is not None:
             return result
         time.sleep(1.0)
 
@@ -131,6 +142,8 @@ def _print_scenario(console: Console, settings: Settings, run: RunLabel, seen: O
         f"{_mark(result.requests_complete)} · diagnosed {len(result.diagnosed):,} of {len(result.expected_reports):,} "
         f"reports {_mark(result.reports_complete)}"
     )
+    if result.unexpected:
+        console.print(f"  ({result.unexpected:,} requests of earlier runs were correlated meanwhile)")
     if not result.requests_complete:
         problems.append(f"{run.scenario}: {len(result.correlated)} of {len(result.expected_requests)} requests correlated")
     if not result.reports_complete:

@@ -71,7 +71,7 @@ def test_every_scenario_is_correlated_completely_and_reports_diagnosed_as_labell
     finally:
         worker.stop()
 
-    assert result.requests_complete  # every observable request, and nothing else
+    assert result.requests_complete and result.unexpected == 0  # every observable request, nothing else
     assert result.reports_complete
     print("\nrequests (expected, diagnosed):", dict(sorted(result.requests.items())), "unobservable:", result.unobservable)
     print("reports  (expected, diagnosed):", dict(sorted(result.reports.items())))
