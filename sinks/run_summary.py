@@ -39,11 +39,7 @@ class Observed:
     records: Counter[str] = field(default_factory=Counter)  # per logical topic
     invalid: Counter[str] = field(default_factory=Counter)  # reason → count
     request_ids: set[str] = field(default_factory=set)
-    failed_requests: set[str] = field(default_factory=set)
-    server_errors_by_service: Counter[str] = field(default_factory=Counter)
-    client_errors_by_code: Counter[str] = field(default_factory=Counter)
-    reports_by_region: Counter[str] = field(default_factory=Counter)
-    reports_by_code: Counter[str] = field(default_factory=Counter)
+    server_errors_by_service: Counter[str] = field(default_factory=Counter)  # spans answering 503
     reporting_users: set[str] = field(default_factory=set)
 
 
@@ -62,15 +58,9 @@ def observe(messages: Iterable[tuple[str, bytes | None]], max_bytes: int = 1_048
         seen.records[topic] += 1
         if isinstance(record, Span):
             seen.request_ids.add(record.request_id)
-            if record.status == "error" or (record.http_status or 0) >= 400:
-                seen.failed_requests.add(record.request_id)
             if record.side == "server" and record.status == "error" and record.http_status == 503:
                 seen.server_errors_by_service[record.service] += 1
-            if record.side == "client" and record.status == "error":
-                seen.client_errors_by_code[record.error_code or "-"] += 1
         elif isinstance(record, FaultReport):
-            seen.reports_by_region[record.region or "-"] += 1
-            seen.reports_by_code[record.error_code or "-"] += 1
             seen.reporting_users.add(record.user_id)
     return seen
 

@@ -119,10 +119,13 @@ def waiting_for(state: Pending) -> Side | None:
 def due_at(state: Pending, timing: Timing) -> float:
     """Wall-clock second at which to act on a request that waits for no side."""
     if state.emitted_version:
-        if len(state.spans) > state.emitted_version or state.reports:
-            return state.last_seen_s  # late news: act now
-        return state.emitted_at_s + timing.retain_s  # nothing new: forget it then
+        return state.last_seen_s  # news about a request already emitted: act now
     return state.last_seen_s + timing.settle_s
+
+
+def expired(state: Pending, timing: Timing, now_s: float) -> bool:
+    """An emitted request no longer waits for late spans."""
+    return state.emitted_at_s + timing.retain_s <= now_s
 
 
 @dataclass

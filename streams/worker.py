@@ -37,6 +37,7 @@ from streams.correlate import (
     build_request,
     due_at,
     dump,
+    expired,
     load,
     mark_emitted,
     waiting_for,
@@ -220,7 +221,7 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
                 emitted[key] = state
         while emitted:
             key, state = next(iter(emitted.items()))
-            if state.emitted_at_s + timing.retain_s > now and len(emitted) <= MAX_EMITTED_IN_MEMORY:
+            if not expired(state, timing, now) and len(emitted) <= MAX_EMITTED_IN_MEMORY:
                 break
             del emitted[key]
 

@@ -7,6 +7,7 @@ end, the confusion table of all report diagnoses.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -98,8 +99,6 @@ def _start_worker(settings: Settings, log_path: Path, console: Console) -> subpr
 
 
 def _base_env() -> dict[str, str]:
-    import os
-
     return {k: v for k, v in os.environ.items() if not k.startswith("SUPPORTLENS_")}
 
 

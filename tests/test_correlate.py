@@ -16,6 +16,7 @@ from streams.correlate import (
     build_request,
     due_at,
     dump,
+    expired,
     load,
     mark_emitted,
     waiting_for,
@@ -65,10 +66,10 @@ def test_a_replay_of_the_past_waits_for_its_own_stream_not_for_one_long_gone():
     assert not clock.passed("server", ref_ms=500_010_000, grace_s=30, now_s=3)
 
 
-def test_after_emission_news_is_due_at_once_and_silence_until_retention_ends():
+def test_after_emission_news_is_due_at_once_and_the_request_is_kept_until_retention_ends():
     state, _ = add_span(None, client(), now_s=100)
     mark_emitted(state, now_s=130)
-    assert due_at(state, TIMING) == 430
+    assert not expired(state, TIMING, now_s=429) and expired(state, TIMING, now_s=430)
     state, _ = add_span(state, server("edge-gateway", "s1", "c1", 10, 50), now_s=140)
     assert due_at(state, TIMING) == 140
     state, _ = add_report(state, FaultReport(report_id="x", received_at_us=1, client_ip="203.0.113.7"), "r1", now_s=150)
