@@ -104,11 +104,13 @@ def _base_env() -> dict[str, str]:
 
 def _await_outputs(settings: Settings, before: Offsets, labels: list, worker: subprocess.Popen[bytes],
                    stall_s: float = 60.0) -> Score:
-    """Read the worker's outputs for this run until every expected request and report is there.
+    """Read the worker's outputs for this run until every expected request and report is there
+    and nothing new came for a moment (a later version of a request may still be on its way).
 
     Gives up only when the worker stops making progress for ``stall_s`` (a worker still
     catching up on an earlier backlog is progress) or exits.
     """
+    quiet_s = DEMO_TIMING["correlation_settle_s"] + DEMO_TIMING["correlation_grace_s"] + 0.5
     outputs = {tp: offset for tp, offset in before.items() if tp[0] in {settings.topic(t) for t in OUTPUTS}}
     requests_topic = settings.topic("requests")
     progress, last_change = -1, time.monotonic()
@@ -120,10 +122,10 @@ def _await_outputs(settings: Settings, before: Offsets, labels: list, worker: su
             else:
                 reports.append(decode(message.value(), DiagnosedReport))
         result = score(labels, requests, reports)
-        if result.requests_complete and result.reports_complete:
-            return result
         if len(requests) + len(reports) != progress:
             progress, last_change = len(requests) + len(reports), time.monotonic()
+        if result.requests_complete and result.reports_complete and time.monotonic() - last_change >= quiet_s:
+            return result
         if time.monotonic() - last_change > stall_s or worker.poll() is not None:
             return result
         time.sleep(1.0)

@@ -38,13 +38,20 @@ def _outputs(settings: Settings) -> tuple[dict[str, list[bytes]], list[Diagnosed
     return requests, reports
 
 
-def _wait_for(settings: Settings, requests: int, reports: int, worker: WorkerProcess, timeout: float = 90):
+def _wait_for(settings: Settings, requests: int, reports: int, worker: WorkerProcess, timeout: float = 120):
+    """Outputs once every expected request and report is there *and* nothing new came for a
+    while: a busy worker may still be sending a later version of a request that already appeared."""
+    quiet_s = 4.0  # > settle + grace + a timer tick of FAST
     deadline = time.monotonic() + timeout
+    last_total, last_change = -1, time.monotonic()
     while True:
         seen, diagnosed = _outputs(settings)
-        if len(seen) >= requests and len({r.report_id for r in diagnosed}) >= reports:
-            time.sleep(1)  # anything that would wrongly come on top of the expected output comes now
-            return _outputs(settings)
+        total = sum(len(copies) for copies in seen.values()) + len(diagnosed)
+        if total != last_total:
+            last_total, last_change = total, time.monotonic()
+        complete = len(seen) >= requests and len({r.report_id for r in diagnosed}) >= reports
+        if complete and time.monotonic() - last_change >= quiet_s:
+            return seen, diagnosed
         if time.monotonic() > deadline:
             raise AssertionError(f"{len(seen)}/{requests} requests, {len(diagnosed)}/{reports} reports:\n{worker.tail()}")
         time.sleep(0.5)
