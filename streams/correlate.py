@@ -144,11 +144,15 @@ class SideClock:
         self.seen_ms[side] = ts_ms
         self.arrived_s[side] = now_s
 
-    def passed(self, side: Side, ref_ms: int, grace_s: float, now_s: float) -> bool:
-        """Has ``side`` moved ``grace_s`` past ``ref_ms``, or been silent for ``grace_s``?"""
+    def passed(self, side: Side, ref_ms: int, grace_s: float, now_s: float, caught_up: bool = True) -> bool:
+        """Has ``side`` moved ``grace_s`` past ``ref_ms``, or been silent for ``grace_s``?
+
+        Silence counts only when the worker has read all there is (``caught_up``): a stream
+        it has not fetched yet (a backlog after a restart, a starved partition) is not silent.
+        """
         if self.seen_ms[side] >= ref_ms + grace_s * 1000:
             return True
-        return now_s - self.arrived_s.get(side, self.started_s) >= grace_s
+        return caught_up and now_s - self.arrived_s.get(side, self.started_s) >= grace_s
 
 
 def build_request(request_id: str, state: Pending, catalog: Catalog, drill: bool = False) -> CorrelatedRequest:

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import faust
+from faust.types import TP
 from aiokafka.partitioner import DefaultPartitioner
 
 from supportlens.config import Settings
@@ -97,6 +98,20 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
     partitioner = DefaultPartitioner()
     all_partitions = list(range(settings.partitions))
 
+    read_offsets: dict[tuple[str, int], int] = {}  # (side, partition) → last offset read
+
+    def caught_up(side: str, partition: int) -> bool:
+        """Has this worker read everything the broker has for this side and partition?"""
+        topic = name["client-spans" if side == "client" else "server-spans"]
+        try:
+            high = app.consumer.highwater(TP(topic, partition))
+        except Exception:  # not assigned (any more), or no fetch yet: nothing to wait for here
+            return True
+        if not high:
+            return True
+        last = read_offsets.get((side, partition))
+        return last is not None and last + 1 >= high
+
     def clock(partition: int) -> SideClock:
         if partition not in clocks:
             clocks[partition] = SideClock(started_s=time.time())
@@ -156,6 +171,7 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
                 partition = event.message.partition
                 if isinstance(record, Span):
                     clock(partition).observe(record.side, ts_ms, now)
+                    read_offsets[(topic.removesuffix("-spans"), partition)] = event.message.offset
                     key = record.request_id.encode()
                     if event.key != key:
                         await dead_letter(event, f"record key {event.key!r} is not its request_id "
@@ -204,7 +220,8 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
             due.append(heapq.heappop(schedule)[1])
         for (partition, side), queue in waiting.items():
             side_clock = clock(partition)
-            while queue and side_clock.passed(side, queue[0][0], timing.grace_s, now):  # type: ignore[arg-type]
+            ready = caught_up(side, partition)
+            while queue and side_clock.passed(side, queue[0][0], timing.grace_s, now, ready):  # type: ignore[arg-type]
                 due.append(heapq.heappop(queue)[1])
         for key in due:
             stored = pending.get(key)
@@ -230,7 +247,7 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
         if side is None:
             return due_at(state, timing) <= now
         partition = partitioner(key, all_partitions, all_partitions)
-        return clock(partition).passed(side, state.ref_ms, timing.grace_s, now)
+        return clock(partition).passed(side, state.ref_ms, timing.grace_s, now, caught_up(side, partition))
 
     def act(key: bytes, state: Pending, now: float) -> None:
         """Send the request if it knows more than what was sent, and answer waiting reports."""

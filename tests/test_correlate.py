@@ -59,6 +59,12 @@ def test_a_missing_side_is_given_up_when_its_stream_moved_past_in_record_time_or
     assert SideClock(started_s=1000).passed("client", ref_ms=0, grace_s=30, now_s=1030)
 
 
+def test_silence_counts_only_once_the_worker_has_read_all_there_is():
+    clock = SideClock(started_s=1000)
+    assert not clock.passed("server", ref_ms=10_000, grace_s=30, now_s=2000, caught_up=False)  # a backlog
+    assert clock.passed("server", ref_ms=10_000, grace_s=30, now_s=2000, caught_up=True)
+
+
 def test_a_replay_of_the_past_waits_for_its_own_stream_not_for_one_long_gone():
     clock = SideClock(started_s=0)
     clock.observe("server", ts_ms=1_000_000_000, now_s=1)  # today's traffic
