@@ -77,8 +77,11 @@ def run_demo(
         worker.terminate()
         worker.wait(30)
 
-    console.print(_confusion_table("report diagnoses, all scenarios", sum((r.reports for _, r in results), Counter())))
-    console.print(_confusion_table("request diagnoses, all scenarios", sum((r.requests for _, r in results), Counter())))
+    for title, confusion in (("report diagnoses", sum((r.reports for _, r in results), Counter())),
+                             ("request diagnoses", sum((r.requests for _, r in results), Counter()))):
+        # a heading of its own: a table title would wrap whenever the table is narrower than it
+        console.print(f"\n[bold]{title}, all scenarios[/] (rows: expected, columns: diagnosed)")
+        console.print(_confusion_table(confusion))
     if problems:
         raise UserError("; ".join(problems), hint=f"the worker's log is {out_dir / 'worker.log'}")
     console.print(f"[green]Every record landed, every request was correlated, every report diagnosed.[/] Files: {out_dir}/")
@@ -168,10 +171,10 @@ SHORT = {"network_unreachable": "unreach", "network_slow": "net-slow", "server_e
          "server_slow": "srv-slow", "client_misuse": "misuse", "client_crash": "crash", "ok": "ok", "unknown": "unknown"}
 
 
-def _confusion_table(title: str, confusion: Counter[tuple[str, str]]) -> Table:
+def _confusion_table(confusion: Counter[tuple[str, str]]) -> Table:
     """Rows: the class the ground truth expects; columns: what the worker diagnosed."""
     present = [c for c in CLASSES if any(c in pair for pair in confusion)]
-    table = Table("expected", *(SHORT[c] for c in present), title=f"{title} (columns: diagnosed)",
+    table = Table("expected", *(SHORT[c] for c in present),
                   caption=", ".join(f"{SHORT[c]} = {c}" for c in present if SHORT[c] != c))
     for expected in present:
         cells = []
