@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import free_port
 from supportlens.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,12 +31,6 @@ class Broker:
     bootstrap: str
     how: str  # env | testcontainers | local-jars
     state_dir: Path | None = None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _docker_reachable() -> bool:
@@ -61,8 +55,8 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
             yield Broker(container.get_bootstrap_server(), "testcontainers")
         return
     state = tmp_path_factory.mktemp("kafka-state")
-    port = _free_port()
-    controller = _free_port()
+    port = free_port()
+    controller = free_port()
     env = {**os.environ, "SUPPORTLENS_STATE_DIR": str(state), "KAFKA_PORT": str(port),
            "KAFKA_CONTROLLER_PORT": str(controller)}
     subprocess.run([str(KAFKA_SCRIPT), "start"], env=env, check=True)

@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from helpers import free_port
 from supportlens import contracts
 from supportlens.config import Settings, load_settings
 from supportlens.contracts import DiagnosedReport, Diagnosis, Span
@@ -35,12 +36,6 @@ LIMIT = 4096  # max_record_bytes of these tests (the smallest the settings allow
 
 
 # --- harness -----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager

@@ -19,14 +19,14 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from helpers import settings_env, supportlens_cmd
+from helpers import free_port, settings_env, supportlens_cmd
 from supportlens import contracts
 from supportlens.config import Settings
 from supportlens.contracts import DiagnosedReport, Diagnosis, FaultReport, Span
 from supportlens.gateway.server import serve
 from supportlens.topic_reader import end_offsets, read_range
 from supportlens.topics import provision
-from test_gateway_http import call, free_port, post_json, serving
+from test_gateway_http import call, post_json, serving
 
 pytestmark = pytest.mark.kafka
 
