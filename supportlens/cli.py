@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
+import msgspec
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -25,6 +27,8 @@ app = typer.Typer(
 )
 topics_app = typer.Typer(help="Kafka topics of the pipeline.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
+db_app = typer.Typer(help="The ClickHouse store: tables and their migrations.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -179,6 +183,122 @@ def gateway(ctx: typer.Context) -> None:
     from supportlens.gateway.server import run_gateway
 
     run_gateway(ctx.obj)
+
+
+@app.command()
+def sink(
+    ctx: typer.Context,
+    loglevel: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
+) -> None:
+    """Write every topic to ClickHouse (batched; offsets committed after each insert)."""
+    from supportlens.serve import run_sink_process
+
+    run_sink_process(ctx.obj, loglevel)
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    worker: Annotated[bool, typer.Option("--worker/--no-worker", help="Run the stream worker beside.")] = True,
+    sink: Annotated[bool, typer.Option("--sink/--no-sink", help="Run the ClickHouse sink in this process.")] = True,
+    loglevel: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
+) -> None:
+    """Run the worker, the ClickHouse sink and the support API together (the one-machine setup)."""
+    from supportlens.serve import run_serve
+
+    run_serve(ctx.obj, with_worker=worker, with_sink=sink, loglevel=loglevel)
+
+
+@db_app.command("migrate")
+def db_migrate(ctx: typer.Context) -> None:
+    """Create or update the tables (numbered migrations, each applied once) and their retention."""
+    from supportlens import store
+
+    settings: Settings = ctx.obj
+    applied = store.migrate(store.connect(settings), settings)
+    where = f"{store.redact_dsn(settings.clickhouse_dsn)} database {settings.clickhouse_database}"
+    console.print(f"{where}: " + (", ".join(applied) if applied else "up to date"))
+
+
+@db_app.command("status")
+def db_status(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Rows in every table (as queries see them: each row once)."""
+    from supportlens.support.access import open_support
+    from supportlens.support.render import counts_table
+
+    settings: Settings = ctx.obj
+    counts = open_support(settings).table_counts()
+    if as_json:
+        print(json.dumps(counts))
+    else:
+        console.print(counts_table(counts, settings.clickhouse_database))
+
+
+@app.command()
+def lookup(
+    ctx: typer.Context,
+    ip: Annotated[Optional[str], typer.Option("--ip", help="A client IP: that client's timeline.")] = None,
+    user: Annotated[Optional[str], typer.Option("--user", help="A user id: that user's timeline.")] = None,
+    account: Annotated[Optional[str], typer.Option("--account", help="An account id: that account's timeline.")] = None,
+    request: Annotated[Optional[str], typer.Option("--request", help="A request id: its call chain.")] = None,
+    report: Annotated[Optional[str], typer.Option("--report", help="A fault report id: what was said and answered.")] = None,
+    since: Annotated[str, typer.Option(help="How far back, e.g. 30m, 24h, 7d.")] = "24h",
+    until: Annotated[str, typer.Option(help="End of the window: now, an ISO time, or 2h (ago).")] = "now",
+    limit: Annotated[int, typer.Option(help="At most this many requests and reports.")] = 200,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """What happened to a customer (by IP, user, account), a request or a fault report."""
+    from supportlens.store.lookup import LookupInputError, parse_duration, parse_until
+    from supportlens.support import render
+    from supportlens.support.access import open_support
+
+    given = {k: v for k, v in (("ip", ip), ("user", user), ("account", account), ("request", request),
+                               ("report", report)) if v is not None}
+    if len(given) != 1:
+        raise LookupInputError("give exactly one of --ip, --user, --account, --request or --report",
+                               hint="e.g. supportlens lookup --ip 203.0.113.7 --since 24h")
+    (kind, key), = given.items()
+    end = parse_until(until)
+    start = end - parse_duration(since) * 1_000_000
+    support = open_support(ctx.obj)
+    if kind == "request":
+        result: Any = support.request_chain(key)
+        view: Any = render.chain_view(result)
+    elif kind == "report":
+        result = support.report_detail(key)
+        view = render.report_view(result)
+    else:
+        result = support.timeline(kind, key, start, end, limit)
+        view = render.timeline_table(result)
+    if as_json:
+        print(msgspec.json.encode(result).decode())
+    else:
+        console.print(view)
+
+
+@app.command()
+def top(
+    ctx: typer.Context,
+    by: Annotated[str, typer.Option(help="service | region | network | connection | app_version | platform")] = "service",
+    since: Annotated[str, typer.Option(help="How far back, e.g. 24h, 7d.")] = "7d",
+    until: Annotated[str, typer.Option(help="End of the window: now, an ISO time, or 2h (ago).")] = "now",
+    limit: Annotated[int, typer.Option(help="Rows to show.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """The problems that hit the most users, by a dimension (global trends)."""
+    from supportlens.store.lookup import parse_duration, parse_until
+    from supportlens.support.access import open_support
+    from supportlens.support.render import top_table
+
+    end = parse_until(until)
+    result = open_support(ctx.obj).top_problems(by, end - parse_duration(since) * 1_000_000, end, limit)
+    if as_json:
+        print(msgspec.json.encode(result).decode())
+    else:
+        console.print(top_table(result))
 
 
 def _progress() -> Progress:

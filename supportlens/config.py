@@ -26,6 +26,19 @@ from supportlens.errors import UserError
 SUPPORTED_LOCALES = ("en", "zh-CN")
 
 
+# How long each table keeps rows, in days (0 = forever). Spans are the bulk and the
+# least useful after a fortnight; reports and incidents are history support asks about.
+DEFAULT_TTL_DAYS: dict[str, int] = {
+    "spans": 14,
+    "requests": 90,
+    "fault_reports": 365,
+    "report_diagnoses": 365,
+    "behaviour": 30,
+    "dead_letters": 14,
+    "problem_trends": 400,
+}
+
+
 def _default_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "supportlens"
@@ -69,6 +82,28 @@ class Settings(BaseSettings):
         default="",
         description="ClickHouse DSN; empty means the embedded engine at chdb:///<state_dir>/clickhouse.",
     )
+    clickhouse_database: str = Field(
+        default="supportlens", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,62}$",
+        description="ClickHouse database holding every supportlens table.",
+    )
+    clickhouse_password: SecretStr | None = Field(
+        default=None, description="ClickHouse password (server DSN); from the environment or a secrets file only."
+    )
+    clickhouse_ttl_days: dict[str, int] = Field(
+        default_factory=lambda: dict(DEFAULT_TTL_DAYS),
+        description="Days each table keeps its rows (0 = forever), e.g. {\"spans\": 7}; unnamed tables keep their default.",
+    )
+    sink_batch_rows: int = Field(
+        default=20_000, ge=1, description="Rows a sink batch collects per topic-partition before it is written."
+    )
+    sink_flush_s: float = Field(
+        default=1.0, gt=0, description="Longest a record waits in a sink batch before the batch is written."
+    )
+    support_host: str = Field(default="127.0.0.1", description="Address the support lookup API listens on.")
+    support_port: int = Field(default=8481, ge=1, le=65535, description="Port the support lookup API listens on.")
+    support_url: str = Field(
+        default="", description="Where the CLI reaches the support API; default http://support_host:support_port."
+    )
     locales: tuple[str, ...] = Field(
         default=SUPPORTED_LOCALES, description="Locales users are answered in; the first is the fallback."
     )
@@ -111,12 +146,29 @@ class Settings(BaseSettings):
             raise ValueError(f"supported locales are {', '.join(SUPPORTED_LOCALES)}; got {list(value)}")
         return value
 
+    @field_validator("clickhouse_ttl_days")
+    @classmethod
+    def _known_tables(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = sorted(set(value) - set(DEFAULT_TTL_DAYS))
+        if unknown:
+            raise ValueError(f"no table named {', '.join(unknown)}; tables are {', '.join(DEFAULT_TTL_DAYS)}")
+        if any(days < 0 for days in value.values()):
+            raise ValueError("days must be 0 (forever) or more")
+        return {**DEFAULT_TTL_DAYS, **value}
+
     @model_validator(mode="after")
-    def _derive_clickhouse_dsn(self) -> "Settings":
+    def _derive_defaults(self) -> "Settings":
+        # frozen model: derived defaults are set once, here, before anyone sees the object
         if not self.clickhouse_dsn:
-            # frozen model: derived defaults are set once, here, before anyone sees the object
             object.__setattr__(self, "clickhouse_dsn", f"chdb://{self.state_dir / 'clickhouse'}")
+        if not self.support_url:
+            object.__setattr__(self, "support_url", f"http://{self.support_host}:{self.support_port}")
         return self
+
+    @property
+    def embedded_store(self) -> bool:
+        """True when ClickHouse runs in-process (chDB): then one process at a time may open it."""
+        return self.clickhouse_dsn.startswith("chdb:")
 
     @classmethod
     def settings_customise_sources(

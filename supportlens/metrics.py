@@ -6,7 +6,7 @@ Tests that need isolation pass their own ``registry``.
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
@@ -29,4 +29,20 @@ class Metrics:
         self.emit_delay = Histogram(
             "correlation_emit_delay_seconds", "Wall time from a request's first span to its emission.",
             namespace=ns, registry=registry, buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+        )
+        self.sink_rows = Counter(
+            "sink_rows_written", "Rows the ClickHouse sink inserted, by table.", ["table"],
+            namespace=ns, registry=registry,
+        )
+        self.sink_write_seconds = Histogram(
+            "sink_write_seconds", "Time of one ClickHouse insert of a sink batch, by table.", ["table"],
+            namespace=ns, registry=registry, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.sink_write_failures = Counter(
+            "sink_write_failures", "ClickHouse inserts that failed and will be retried, by table.", ["table"],
+            namespace=ns, registry=registry,
+        )
+        self.sink_held_records = Gauge(
+            "sink_held_records", "Records read but not yet written and committed (held while ClickHouse refuses).",
+            namespace=ns, registry=registry,
         )

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 TOPICS_USED = (CLIENT_SPANS, SERVER_SPANS, FAULT_REPORTS, BEHAVIOUR, DIAGNOSED_TOPIC)
 
 
-async def open_site(app: web.Application, host: str, port: int) -> web.AppRunner:
+async def open_site(app: web.Application, host: str, port: int, *, name: str = "gateway",
+                    env_prefix: str = "SUPPORTLENS_GATEWAY") -> web.AppRunner:
     """Listen on ``host:port``. Bodies reach the handlers as sent: the gateway inflates
     compressed ones itself, with a bound (aiohttp's own inflating would not be bounded
     the same way on every version)."""
@@ -32,8 +33,8 @@ async def open_site(app: web.Application, host: str, port: int) -> web.AppRunner
     except OSError as exc:
         await runner.cleanup()
         raise UserError(
-            f"the gateway cannot listen on {host}:{port}: {exc.strerror or exc}",
-            hint="choose another address with SUPPORTLENS_GATEWAY_HOST / SUPPORTLENS_GATEWAY_PORT",
+            f"the {name} cannot listen on {host}:{port}: {exc.strerror or exc}",
+            hint=f"choose another address with {env_prefix}_HOST / {env_prefix}_PORT",
         ) from None
     return runner
 

@@ -1,0 +1,186 @@
+"""Kafka records → typed ClickHouse rows (pure; no I/O).
+
+Each logical topic maps to one table. :func:`to_row` decodes a record with the same
+strict contracts the processors use and returns the row in the table's column order,
+or raises :class:`~supportlens.contracts.InvalidRecord` naming the problem, so the
+sink can dead-letter it. Times go in as raw DateTime64 ticks (µs, or ms for Kafka
+timestamps), which skips a datetime conversion per value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from supportlens.contracts import (
+    AttributeValue,
+    BehaviourEvent,
+    CorrelatedRequest,
+    DiagnosedReport,
+    FaultReport,
+    InvalidRecord,
+    Network,
+    Span,
+    decode,
+)
+
+MAX_DEAD_LETTER_VALUE = 65_536  # bytes of a dead record's value kept in ClickHouse; the topic has it whole
+
+_hops_encoder = msgspec.json.Encoder()
+_NO_NETWORK = Network()
+
+
+@dataclass(frozen=True)
+class RecordMeta:
+    """What Kafka says about a record besides its value."""
+
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None = None
+    headers: Sequence[tuple[str, bytes]] = ()
+
+
+@dataclass(frozen=True)
+class TableMapping:
+    table: str
+    columns: tuple[str, ...]
+    convert: Callable[[bytes, RecordMeta, int], list[Any]]
+
+
+def _attributes(values: dict[str, AttributeValue]) -> dict[str, str]:
+    return {key: value if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+            for key, value in values.items()}
+
+
+def _span_row(value: bytes, meta: RecordMeta, max_bytes: int) -> list[Any]:
+    s = decode(value, Span, max_bytes)
+    n = s.network or _NO_NETWORK
+    return [
+        s.request_id, s.side, s.span_id, s.service, s.start_us, s.trace_id, s.parent_span_id, s.operation,
+        s.duration_us, s.status, s.http_status or 0, s.error_code, s.error_message, s.client_ip, s.user_id,
+        s.account_id, s.app_version, s.platform, s.region, n.isp, n.asn, n.connection_type, _attributes(s.attributes),
+    ]
+
+
+SPANS = TableMapping("spans", (
+    "request_id", "side", "span_id", "service", "start", "trace_id", "parent_span_id", "operation",
+    "duration_us", "status", "http_status", "error_code", "error_message", "client_ip", "user_id",
+    "account_id", "app_version", "platform", "region", "isp", "asn", "connection_type", "attributes",
+), _span_row)
+
+
+def _request_row(value: bytes, meta: RecordMeta, max_bytes: int) -> list[Any]:
+    r = decode(value, CorrelatedRequest, max_bytes)
+    n = r.network or _NO_NETWORK
+    d = r.diagnosis
+    return [
+        r.request_id, r.version, r.start_us, r.trace_id, r.operation, r.user_id, r.account_id, r.client_ip,
+        r.app_version, r.platform, r.region, n.isp, n.asn, n.connection_type, r.has_client, r.has_server,
+        r.client_duration_us, r.client_status, r.client_http_status or 0, r.client_error_code,
+        r.server_duration_us, r.server_status, r.server_http_status or 0, r.root_service, list(r.teams),
+        _hops_encoder.encode(r.hops).decode(), r.span_count, d.cls, d.service, d.team, d.code, d.evidence,
+        d.catalog_version, r.completeness, r.drill,
+    ]
+
+
+REQUESTS = TableMapping("requests", (
+    "request_id", "version", "start", "trace_id", "operation", "user_id", "account_id", "client_ip",
+    "app_version", "platform", "region", "isp", "asn", "connection_type", "has_client", "has_server",
+    "client_duration_us", "client_status", "client_http_status", "client_error_code",
+    "server_duration_us", "server_status", "server_http_status", "root_service", "teams",
+    "hops", "span_count", "diagnosis_class", "diagnosis_service", "diagnosis_team", "diagnosis_code",
+    "diagnosis_evidence", "catalog_version", "completeness", "drill",
+), _request_row)
+
+
+def _report_row(value: bytes, meta: RecordMeta, max_bytes: int) -> list[Any]:
+    r = decode(value, FaultReport, max_bytes)
+    n = r.network or _NO_NETWORK
+    return [
+        r.client_ip, r.received_at_us, r.report_id, r.user_id, r.account_id, r.locale, r.app_version,
+        r.platform, r.region, n.isp, n.asn, n.connection_type, list(r.request_ids), r.error_code,
+        r.user_message, len(r.client_log), _attributes(r.attributes),
+    ]
+
+
+FAULT_REPORTS = TableMapping("fault_reports", (
+    "client_ip", "received_at", "report_id", "user_id", "account_id", "locale", "app_version",
+    "platform", "region", "isp", "asn", "connection_type", "request_ids", "error_code",
+    "user_message", "client_log_spans", "attributes",
+), _report_row)
+
+
+def _diagnosis_row(value: bytes, meta: RecordMeta, max_bytes: int) -> list[Any]:
+    r = decode(value, DiagnosedReport, max_bytes)
+    n = r.network or _NO_NETWORK
+    d = r.diagnosis
+    return [
+        r.client_ip, r.received_at_us, r.report_id, r.diagnosed_at_us, r.user_id, r.account_id, r.locale,
+        r.app_version, r.platform, r.region, n.isp, n.connection_type, list(r.request_ids),
+        r.primary_request_id, d.cls, d.service, d.team, d.code, d.evidence, d.catalog_version,
+        r.title, r.explanation, r.action, r.doc_url, r.drill,
+    ]
+
+
+REPORT_DIAGNOSES = TableMapping("report_diagnoses", (
+    "client_ip", "received_at", "report_id", "diagnosed_at", "user_id", "account_id", "locale",
+    "app_version", "platform", "region", "isp", "connection_type", "request_ids",
+    "primary_request_id", "diagnosis_class", "diagnosis_service", "diagnosis_team", "diagnosis_code",
+    "diagnosis_evidence", "catalog_version", "title", "explanation", "action", "doc_url", "drill",
+), _diagnosis_row)
+
+
+def _behaviour_row(value: bytes, meta: RecordMeta, max_bytes: int) -> list[Any]:
+    e = decode(value, BehaviourEvent, max_bytes)
+    return [e.user_id, e.ts_us, e.event_id, e.account_id, e.name, e.screen, e.app_version, e.platform,
+            e.region, _attributes(e.attributes)]
+
+
+BEHAVIOUR = TableMapping("behaviour", (
+    "user_id", "ts", "event_id", "account_id", "name", "screen", "app_version", "platform", "region",
+    "attributes",
+), _behaviour_row)
+
+
+def _dead_letter_row(value: bytes, meta: RecordMeta, max_bytes: int) -> list[Any]:
+    headers = {name: raw for name, raw in meta.headers}
+    try:
+        topic = headers["source_topic"].decode()
+        partition = int(headers["source_partition"])
+        offset = int(headers["source_offset"])
+    except (KeyError, ValueError, UnicodeDecodeError):
+        raise InvalidRecord(
+            "dead letter", "headers `source_topic`, `source_partition` and `source_offset` are required"
+        ) from None
+    reason = headers.get("reason", b"").decode("utf-8", "replace")
+    key = (meta.key or b"").decode("utf-8", "replace")
+    return [topic, partition, offset, meta.timestamp_ms, reason, key,
+            value[:MAX_DEAD_LETTER_VALUE].decode("utf-8", "replace")]
+
+
+DEAD_LETTERS = TableMapping("dead_letters", (
+    "source_topic", "source_partition", "source_offset", "at", "reason", "key", "value",
+), _dead_letter_row)
+
+
+# Logical topic → table. The sink reads exactly these topics.
+MAPPINGS: dict[str, TableMapping] = {
+    "client-spans": SPANS,
+    "server-spans": SPANS,
+    "requests": REQUESTS,
+    "fault-reports": FAULT_REPORTS,
+    "reports-diagnosed": REPORT_DIAGNOSES,
+    "behaviour": BEHAVIOUR,
+    "dlq": DEAD_LETTERS,
+}
+
+
+def to_row(topic: str, value: bytes | None, meta: RecordMeta, max_bytes: int) -> list[Any]:
+    """The row for one record of logical ``topic``; raises InvalidRecord when it cannot be stored."""
+    if value is None:
+        raise InvalidRecord("record", "the record has no value (a tombstone is not an event)")
+    return MAPPINGS[topic].convert(value, meta, max_bytes)

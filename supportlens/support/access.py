@@ -1,0 +1,111 @@
+"""Reach the support lookups: directly on ClickHouse, or through a running support API.
+
+The embedded store can be opened by one process only; while ``supportlens serve`` holds
+it, the CLI asks that process's API instead. Both paths return the same structs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, TypeVar
+
+import msgspec
+import requests
+from clickhouse_connect.driver.client import Client
+
+from supportlens import store
+from supportlens.config import Settings
+from supportlens.errors import UserError
+from supportlens.store import lookup
+from supportlens.store.lookup import ReportDetail, RequestChain, Timeline, TopProblems
+
+T = TypeVar("T")
+
+
+class Support(Protocol):
+    def timeline(self, kind: str, key: str, since_us: int, until_us: int, limit: int) -> Timeline: ...
+    def request_chain(self, request_id: str) -> RequestChain: ...
+    def report_detail(self, report_id: str) -> ReportDetail: ...
+    def top_problems(self, by: str, since_us: int, until_us: int, limit: int) -> TopProblems: ...
+    def table_counts(self) -> dict[str, int]: ...
+
+
+class DirectSupport:
+    """The lookups on a ClickHouse client of this process."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def timeline(self, kind: str, key: str, since_us: int, until_us: int, limit: int) -> Timeline:
+        return lookup.timeline(self.client, kind, key, since_us, until_us, limit)
+
+    def request_chain(self, request_id: str) -> RequestChain:
+        return lookup.request_chain(self.client, request_id)
+
+    def report_detail(self, report_id: str) -> ReportDetail:
+        return lookup.report_detail(self.client, report_id)
+
+    def top_problems(self, by: str, since_us: int, until_us: int, limit: int) -> TopProblems:
+        return lookup.top_problems(self.client, by, since_us, until_us, limit)
+
+    def table_counts(self) -> dict[str, int]:
+        return store.table_counts(self.client)
+
+
+class RemoteSupport:
+    """The lookups through the support API of ``supportlens serve``."""
+
+    def __init__(self, base_url: str, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.http = requests.Session()
+
+    def healthy(self) -> bool:
+        try:
+            return self.http.get(f"{self.base_url}/healthz", timeout=1.0).ok
+        except requests.RequestException:
+            return False
+
+    def _get(self, path: str, params: dict[str, Any], result: type[T]) -> T:
+        try:
+            response = self.http.get(f"{self.base_url}{path}", params=params, timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise UserError(f"the support API at {self.base_url} did not answer ({type(exc).__name__})",
+                            hint="is `supportlens serve` running?") from None
+        if response.status_code == 400:
+            body = response.json()
+            raise lookup.LookupInputError(body.get("error", "bad request"), hint=body.get("hint", ""))
+        if not response.ok:
+            raise UserError(f"the support API answered {response.status_code}: {response.text[:200]}")
+        return msgspec.json.decode(response.content, type=result)
+
+    def timeline(self, kind: str, key: str, since_us: int, until_us: int, limit: int) -> Timeline:
+        return self._get("/v1/timeline", {kind: key, "since_us": since_us, "until_us": until_us, "limit": limit},
+                         Timeline)
+
+    def request_chain(self, request_id: str) -> RequestChain:
+        return self._get("/v1/request", {"id": request_id}, RequestChain)
+
+    def report_detail(self, report_id: str) -> ReportDetail:
+        return self._get("/v1/report", {"id": report_id}, ReportDetail)
+
+    def top_problems(self, by: str, since_us: int, until_us: int, limit: int) -> TopProblems:
+        return self._get("/v1/top", {"by": by, "since_us": since_us, "until_us": until_us, "limit": limit},
+                         TopProblems)
+
+    def table_counts(self) -> dict[str, int]:
+        return self._get("/v1/tables", {}, dict[str, int])
+
+
+def open_support(settings: Settings) -> Support:
+    """The way to the lookups from a command line.
+
+    A server DSN is queried directly. The embedded store is asked through the support
+    API when one answers (``supportlens serve`` holds the store), and opened here otherwise.
+    """
+    if settings.embedded_store:
+        remote = RemoteSupport(settings.support_url)
+        if remote.healthy():
+            return remote
+    client = store.connect(settings)
+    store.migrate(client, settings)
+    return DirectSupport(client)

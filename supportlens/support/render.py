@@ -1,0 +1,118 @@
+"""Lookup results as rich tables for people (``--json`` prints the structs instead)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from supportlens.store.lookup import ReportDetail, RequestChain, Timeline, TopProblems
+
+CLASS_STYLES = {
+    "ok": "green", "network_unreachable": "magenta", "network_slow": "magenta", "server_error": "red",
+    "server_slow": "yellow", "client_misuse": "cyan", "client_crash": "red", "unknown": "dim", "pending": "dim",
+}
+WATERFALL_WIDTH = 40
+
+
+def when(us: int) -> str:
+    return datetime.fromtimestamp(us / 1e6, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def millis(us: int) -> str:
+    return f"{us / 1000:,.1f} ms"
+
+
+def _cls(name: str) -> Text:
+    return Text(name, style=CLASS_STYLES.get(name, ""))
+
+
+def timeline_table(result: Timeline) -> Table:
+    title = (f"{result.key_kind} {result.key}: {result.requests:,} requests ({result.failed:,} failed), "
+             f"{result.reports:,} fault reports, {when(result.since_us)} → {when(result.until_us)}")
+    table = Table("time (UTC)", "kind", "id", "what", "diagnosis", "service", "status", "duration", "detail",
+                  title=title, title_justify="left")
+    for e in result.entries:
+        table.add_row(
+            when(e.at_us), e.kind + (" (drill)" if e.drill else ""), e.id, e.what[:60], _cls(e.diagnosis_class),
+            e.service, e.status, millis(e.duration_us) if e.kind == "request" else "", e.detail[:80],
+        )
+    if not result.entries:
+        table.caption = "nothing in this window: try a longer --since, or another key"
+    return table
+
+
+def chain_view(chain: RequestChain) -> Group | Text:
+    if not chain.found:
+        extra = f"; named by fault report(s) {', '.join(chain.reports)}" if chain.reports else ""
+        return Text(f"request {chain.request_id}: not found{extra}")
+    summary = Table.grid(padding=(0, 2))
+    summary.add_column(style="bold")
+    summary.add_column()
+    for label, value in (
+        ("start", when(chain.start_us)), ("operation", chain.operation),
+        ("customer", f"ip {chain.client_ip or '—'} · user {chain.user_id or '—'} · account {chain.account_id or '—'}"),
+        ("client", " · ".join(v for v in (chain.app_version, chain.platform, chain.region, chain.network) if v)),
+        ("diagnosis", f"{chain.diagnosis_class or 'not correlated yet'} {chain.diagnosis_service} "
+                      f"{('(' + chain.diagnosis_team + ')') if chain.diagnosis_team else ''} {chain.diagnosis_code}"),
+        ("evidence", chain.evidence), ("seen", f"{chain.completeness} (version {chain.version})"),
+        ("fault reports", ", ".join(chain.reports) or "none"),
+    ):
+        summary.add_row(label, value)
+    total = max([s.offset_us + s.duration_us for s in chain.spans] + [1])
+    spans = Table("side", "service", "operation", "start", "duration", "status", "waterfall",
+                  title=f"call chain of {chain.request_id}", title_justify="left")
+    for s in chain.spans:
+        lead = round(s.offset_us / total * WATERFALL_WIDTH)
+        width = max(1, round(s.duration_us / total * WATERFALL_WIDTH))
+        bar = Text(" " * lead + "█" * width, style="red" if s.status == "error" else "green")
+        status = s.status + (f" {s.http_status}" if s.http_status else "") + (f" {s.error_code}" if s.error_code else "")
+        spans.add_row(s.side, s.service, s.operation, f"+{millis(s.offset_us)}", millis(s.duration_us), status, bar)
+    return Group(Panel(summary, title=f"request {chain.request_id}", title_align="left"), spans)
+
+
+def report_view(report: ReportDetail) -> Panel | Text:
+    if not report.found:
+        return Text(f"fault report {report.report_id}: not found")
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    rows = [
+        ("received", when(report.received_at_us)),
+        ("customer", f"ip {report.client_ip} · user {report.user_id or '—'} · account {report.account_id or '—'}"),
+        ("client", " · ".join(v for v in (report.app_version, report.platform, report.region, report.locale) if v)),
+        ("user said", report.user_message or "—"), ("error code", report.error_code or "—"),
+        ("requests", ", ".join(report.request_ids) or "—"),
+        ("diagnosis", f"{report.diagnosis_class} {report.diagnosis_service} "
+                      f"{('(' + report.diagnosis_team + ')') if report.diagnosis_team else ''}"
+         if report.diagnosed else "pending"),
+    ]
+    if report.diagnosed:
+        rows += [("told the user", report.title), ("", report.explanation), ("suggested", report.action),
+                 ("doc", report.doc_url or "—")]
+    for label, value in rows:
+        grid.add_row(label, value)
+    return Panel(grid, title=f"fault report {report.report_id}", title_align="left")
+
+
+def top_table(result: TopProblems) -> Table:
+    table = Table("diagnosis", result.by, "requests", "share of all requests", "users",
+                  title=f"top problems by {result.by}, {when(result.since_us)} → {when(result.until_us)}",
+                  title_justify="left")
+    for row in result.rows:
+        table.add_row(_cls(row.diagnosis_class), row.value or "—", f"{row.requests:,}", f"{row.share:.1%}",
+                      f"{row.users:,}")
+    if not result.rows:
+        table.caption = "no problems in this window"
+    return table
+
+
+def counts_table(counts: dict[str, int], where: str) -> Table:
+    table = Table("table", "rows", title=f"ClickHouse {where}", title_justify="left")
+    for name, count in counts.items():
+        table.add_row(name, f"{count:,}")
+    return table
+
