@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -232,7 +231,7 @@ def db_status(
     settings: Settings = ctx.obj
     counts = open_support(settings).table_counts()
     if as_json:
-        print(json.dumps(counts))
+        print(msgspec.json.encode(counts).decode())
     else:
         console.print(counts_table(counts, settings.clickhouse_database))
 

@@ -5,6 +5,13 @@ Kafka when a Docker engine answers; else the project's own runner
 (``deploy/local/kafka.sh``), which starts Apache Kafka from the official jars.
 Tests that use the broker must carry ``@pytest.mark.kafka``: it keeps the fast,
 pure tests honest about needing nothing.
+
+ClickHouse likewise: ``CLICKHOUSE_URL`` (a server DSN such as
+``http://default:@localhost:8123``) if set; a testcontainers ClickHouse server when
+Docker answers; else the embedded engine (chDB) in a session directory. Tests that use
+it carry ``@pytest.mark.clickhouse`` and get a database of their own. chDB allows one
+store path per process, so the test process uses one path for the whole session, and
+subprocesses that own a store get their own paths (:func:`subprocess_dsn`).
 """
 
 from __future__ import annotations
@@ -65,6 +72,53 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     finally:
         subprocess.run([str(KAFKA_SCRIPT), "stop"], env=env, check=False)
         shutil.rmtree(state, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class ClickHouseTarget:
+    dsn: str
+    how: str  # env | testcontainers | embedded
+
+    @property
+    def embedded(self) -> bool:
+        return self.how == "embedded"
+
+
+@pytest.fixture(scope="session")
+def clickhouse_target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClickHouseTarget]:
+    if os.environ.get("CLICKHOUSE_URL"):
+        yield ClickHouseTarget(os.environ["CLICKHOUSE_URL"], "env")
+        return
+    if _docker_reachable():
+        from testcontainers.community.clickhouse import ClickHouseContainer
+
+        with ClickHouseContainer("clickhouse/clickhouse-server:25.8") as container:
+            host, port = container.get_container_host_ip(), container.get_exposed_port(8123)
+            yield ClickHouseTarget(f"http://{container.username}:{container.password}@{host}:{port}", "testcontainers")
+        return
+    yield ClickHouseTarget(f"chdb://{tmp_path_factory.mktemp('chdb')}", "embedded")
+
+
+@pytest.fixture
+def clickhouse(request: pytest.FixtureRequest, clickhouse_target: ClickHouseTarget) -> ClickHouseTarget:
+    if request.node.get_closest_marker("clickhouse") is None:
+        pytest.fail("a test that uses ClickHouse must be marked @pytest.mark.clickhouse")
+    return clickhouse_target
+
+
+def subprocess_dsn(target: ClickHouseTarget, tmp_path: Path) -> str:
+    """The DSN a subprocess should own: the same server, or an embedded store of its own."""
+    return f"chdb://{tmp_path / 'store'}" if target.embedded else target.dsn
+
+
+@pytest.fixture
+def store_settings(clickhouse: ClickHouseTarget, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings with the session's ClickHouse and a database of this test's own."""
+    for key in [k for k in os.environ if k.startswith("SUPPORTLENS_")]:
+        monkeypatch.delenv(key)
+    return load_settings(
+        clickhouse_dsn=clickhouse.dsn, clickhouse_database=f"t_{uuid.uuid4().hex[:10]}", state_dir=tmp_path / "state"
+    )
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from functools import cache
 from pathlib import Path
 
 import clickhouse_connect
+import msgspec
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
@@ -173,8 +174,17 @@ def apply_retention(client: Client, settings: Settings) -> list[str]:
     return changed
 
 
-def table_counts(client: Client) -> dict[str, int]:
-    """Rows per data table as queries see them (FINAL: duplicates not yet merged away count once)."""
-    return {
-        table: client.query(f"SELECT count() FROM {table} FINAL").result_rows[0][0] for table in DATA_TABLES
-    }
+class TableCounts(msgspec.Struct, frozen=True):
+    """Rows per data table as queries see them (``rows``: each key once), and as stored
+    (``stored``: also re-delivered copies a merge has not yet collapsed)."""
+
+    rows: dict[str, int]
+    stored: dict[str, int]
+
+
+def table_counts(client: Client) -> TableCounts:
+    rows, stored = {}, {}
+    for table in DATA_TABLES:
+        rows[table] = client.query(f"SELECT count() FROM {table} FINAL").result_rows[0][0]
+        stored[table] = client.query(f"SELECT count() FROM {table}").result_rows[0][0]
+    return TableCounts(rows, stored)

@@ -26,7 +26,7 @@ class Support(Protocol):
     def request_chain(self, request_id: str) -> RequestChain: ...
     def report_detail(self, report_id: str) -> ReportDetail: ...
     def top_problems(self, by: str, since_us: int, until_us: int, limit: int) -> TopProblems: ...
-    def table_counts(self) -> dict[str, int]: ...
+    def table_counts(self) -> store.TableCounts: ...
 
 
 class DirectSupport:
@@ -47,7 +47,7 @@ class DirectSupport:
     def top_problems(self, by: str, since_us: int, until_us: int, limit: int) -> TopProblems:
         return lookup.top_problems(self.client, by, since_us, until_us, limit)
 
-    def table_counts(self) -> dict[str, int]:
+    def table_counts(self) -> store.TableCounts:
         return store.table_counts(self.client)
 
 
@@ -92,8 +92,8 @@ class RemoteSupport:
         return self._get("/v1/top", {"by": by, "since_us": since_us, "until_us": until_us, "limit": limit},
                          TopProblems)
 
-    def table_counts(self) -> dict[str, int]:
-        return self._get("/v1/tables", {}, dict[str, int])
+    def table_counts(self) -> store.TableCounts:
+        return self._get("/v1/tables", {}, store.TableCounts)
 
 
 def open_support(settings: Settings) -> Support:

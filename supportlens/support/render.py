@@ -9,6 +9,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from supportlens.store import TableCounts
 from supportlens.store.lookup import ReportDetail, RequestChain, Timeline, TopProblems
 
 CLASS_STYLES = {
@@ -110,9 +111,9 @@ def top_table(result: TopProblems) -> Table:
     return table
 
 
-def counts_table(counts: dict[str, int], where: str) -> Table:
-    table = Table("table", "rows", title=f"ClickHouse {where}", title_justify="left")
-    for name, count in counts.items():
-        table.add_row(name, f"{count:,}")
+def counts_table(counts: TableCounts, where: str) -> Table:
+    table = Table("table", "rows", "stored (copies not yet merged)", title=f"ClickHouse {where}", title_justify="left")
+    for name, count in counts.rows.items():
+        table.add_row(name, f"{count:,}", f"{counts.stored[name]:,}")
     return table
 

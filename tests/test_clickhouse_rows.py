@@ -1,0 +1,98 @@
+"""Records → ClickHouse rows (pure): every mapped topic, and what cannot be stored."""
+
+from __future__ import annotations
+
+import pytest
+
+from sinks.clickhouse_rows import MAPPINGS, RecordMeta, to_row
+from sinks.clickhouse_sink import backoff_delay
+from span_factory import T0, client, server
+from supportlens.contracts import (
+    BehaviourEvent,
+    CorrelatedRequest,
+    DiagnosedReport,
+    Diagnosis,
+    FaultReport,
+    Hop,
+    InvalidRecord,
+    Network,
+    encode,
+)
+
+META = RecordMeta(partition=2, offset=41, timestamp_ms=1_763_784_000_123, key=b"k")
+
+
+def _row(topic: str, record) -> dict:
+    return dict(zip(MAPPINGS[topic].columns, to_row(topic, encode(record), META, 1_048_576)))
+
+
+def test_every_column_of_every_table_gets_a_value():
+    for topic, mapping in MAPPINGS.items():
+        assert len(set(mapping.columns)) == len(mapping.columns), topic
+
+
+def test_span_row_flattens_network_and_stringifies_attributes():
+    span = client(network=Network(isp="China Mobile", asn=9808, connection_type="wifi"),
+                  attributes={"retry": 2, "cached": True, "screen": "cart"})
+    row = _row("client-spans", span)
+    assert row["start"] == T0 and row["isp"] == "China Mobile" and row["asn"] == 9808
+    assert row["attributes"] == {"retry": "2", "cached": "true", "screen": "cart"}
+    assert row["http_status"] == 201 and row["client_ip"] == "203.0.113.7"
+    server_row = _row("server-spans", server("payment", "s1", "c1", 5, 40, http_status=None))
+    assert server_row["http_status"] == 0 and server_row["side"] == "server"
+
+
+def test_request_row_keeps_diagnosis_and_hops():
+    request = CorrelatedRequest(
+        request_id="r1", version=3, start_us=T0, client_ip="203.0.113.7", has_client=True, has_server=True,
+        teams=["payments"], hops=[Hop(service="payment", offset_us=5000, duration_us=40_000, status="error")],
+        diagnosis=Diagnosis(cls="server_error", service="payment", team="payments", code="PAYMENT_UNAVAILABLE"),
+    )
+    row = _row("requests", request)
+    assert row["version"] == 3 and row["diagnosis_class"] == "server_error" and row["diagnosis_team"] == "payments"
+    assert '"service":"payment"' in row["hops"] and row["teams"] == ["payments"]
+
+
+def test_report_and_diagnosis_rows():
+    report = FaultReport(report_id="rep1", received_at_us=T0, client_ip="203.0.113.7", request_ids=["r1"],
+                         user_message="付款一直失败", client_log=[client()])
+    row = _row("fault-reports", report)
+    assert row["client_log_spans"] == 1 and row["request_ids"] == ["r1"] and row["user_message"] == "付款一直失败"
+    diagnosed = DiagnosedReport(report_id="rep1", received_at_us=T0, diagnosed_at_us=T0 + 5, client_ip="203.0.113.7",
+                                diagnosis=Diagnosis(cls="network_unreachable"), title="t", locale="zh-CN")
+    row = _row("reports-diagnosed", diagnosed)
+    assert row["diagnosis_class"] == "network_unreachable" and row["locale"] == "zh-CN"
+
+
+def test_behaviour_row():
+    event = BehaviourEvent(event_id="e1", user_id="u1", ts_us=T0, name="tap", attributes={"x": 1.5})
+    assert _row("behaviour", event)["attributes"] == {"x": "1.5"}
+
+
+def test_dead_letter_row_reads_its_origin_from_headers():
+    meta = RecordMeta(0, 7, 1_763_784_000_000, b"key", [
+        ("reason", b"field `start_us`: expected int"), ("source_topic", b"p.client-spans"),
+        ("source_partition", b"1"), ("source_offset", b"99"),
+    ])
+    row = dict(zip(MAPPINGS["dlq"].columns, to_row("dlq", b"\xff{not json", meta, 1024)))
+    assert (row["source_topic"], row["source_partition"], row["source_offset"]) == ("p.client-spans", 1, 99)
+    assert row["reason"].startswith("field `start_us`") and row["value"].endswith("{not json")
+    with pytest.raises(InvalidRecord, match="source_topic"):
+        to_row("dlq", b"x", RecordMeta(0, 8, 0, None, [("reason", b"r")]), 1024)
+
+
+@pytest.mark.parametrize("topic, value, fragment", [
+    ("client-spans", b'{"request_id": "r1"}', "side"),
+    ("requests", b"not json", "not valid JSON"),
+    ("fault-reports", b'{"report_id": "x", "received_at_us": 1, "client_ip": "999.1.1.1"}', "client_ip"),
+    ("behaviour", None, "no value"),
+])
+def test_invalid_records_name_the_problem(topic, value, fragment):
+    with pytest.raises(InvalidRecord, match=fragment):
+        to_row(topic, value, META, 1_048_576)
+
+
+def test_backoff_grows_and_is_capped():
+    assert backoff_delay(1, rng=lambda: 1.0) < backoff_delay(3, rng=lambda: 1.0) < backoff_delay(20, rng=lambda: 1.0)
+    assert backoff_delay(50, rng=lambda: 1.0) <= 30.05
+    assert backoff_delay(5, rng=lambda: 0.0) == pytest.approx(0.05)

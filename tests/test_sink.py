@@ -1,0 +1,261 @@
+"""The ClickHouse sink on real Kafka and real ClickHouse, behind a real worker.
+
+A simulated run lands in every table exactly as often as it happened; a sink killed with
+SIGKILL mid-run and restarted leaves no row missing and none twice; while ClickHouse
+refuses, records are held uncommitted and land once it takes them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+from collections import Counter
+import time
+import uuid
+from pathlib import Path
+
+import msgspec
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from conftest import subprocess_dsn
+from helpers import WorkerProcess, free_port, settings_env, supportlens_cmd
+from sinks.clickhouse_sink import ClickHouseSink
+from sinks.run_summary import observable_requests
+from supportlens import store
+from supportlens.config import Settings, load_settings
+from supportlens.metrics import Metrics
+from supportlens.serve import READY_LINE
+from supportlens.simulator.labels import ReportLabel, RequestLabel, read_labels, read_run
+from supportlens.simulator.run import SimulateOptions, simulate
+from supportlens.store import lookup
+from supportlens.support.access import RemoteSupport
+from supportlens.topic_reader import read_range
+from supportlens.topics import provision
+
+pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
+FAST = {"SUPPORTLENS_CORRELATION_GRACE_S": "2", "SUPPORTLENS_CORRELATION_SETTLE_S": "0.5"}
+BAD = [  # (topic, value): each must become one dead letter
+    ("client-spans", b"{not json"),
+    ("fault-reports", b'{"report_id":"rep-x","received_at_us":"soon","client_ip":"1.2.3.4"}'),
+    ("behaviour", b'{"event_id":"e","user_id":"u","ts_us":1,"name":""}'),
+]
+
+
+def _settings(kafka, dsn: str, **extra) -> Settings:
+    return load_settings(
+        kafka_bootstrap=kafka.bootstrap, topic_prefix=f"s{uuid.uuid4().hex[:8]}.", partitions=3,
+        clickhouse_dsn=dsn, clickhouse_database=f"t_{uuid.uuid4().hex[:10]}",
+        sink_batch_rows=500, sink_flush_s=0.2, **extra,
+    )
+
+
+def _expected(labels_path: Path, dead_letters: int) -> dict[str, int]:
+    labels = list(read_labels(labels_path))
+    run = read_run(labels_path)
+    return {
+        "spans": run.counts.get("client-spans", 0) + run.counts.get("server-spans", 0),
+        "requests": len(observable_requests(labels)),
+        "fault_reports": run.counts.get("fault-reports", 0),
+        "report_diagnoses": sum(isinstance(label, ReportLabel) for label in labels),
+        "behaviour": run.counts.get("behaviour", 0),
+        "dead_letters": dead_letters,
+    }
+
+
+def _distinct_requests(settings: Settings, at_least: int) -> int:
+    """Distinct request ids on the requests topic, once the worker has written about as many as expected
+    and nothing new came for a while."""
+    last, since = -1, time.monotonic()
+    deadline = since + 120
+    while time.monotonic() < deadline:
+        count = len({m.key() for m in read_range(settings, [settings.topic("requests")])})
+        if count != last:
+            last, since = count, time.monotonic()
+        elif count >= at_least and time.monotonic() - since > 5:
+            return count
+        time.sleep(1.0)
+    raise AssertionError(f"the worker wrote {last} requests, expected about {at_least}")
+
+
+def _on_topics(settings: Settings) -> str:
+    """What the worker wrote, to tell a sink's miss from a worker's."""
+    keys = {m.key() for m in read_range(settings, [settings.topic("requests")])}
+    return f"distinct requests on {settings.topic('requests')}: {len(keys)}"
+
+
+def _produce_bad(settings: Settings) -> None:
+    producer = Producer(settings.producer_config())
+    for topic, value in BAD:
+        producer.produce(settings.topic(topic), key=b"bad", value=value)
+    assert producer.flush(30) == 0
+
+
+def _wait_for_counts(counts, expected: dict[str, int], timeout: float, why) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = {table: counts().rows[table] for table in expected}
+        if rows == expected:
+            return rows
+        if time.monotonic() > deadline:
+            raise AssertionError(f"tables {rows} != expected {expected}\n{why()}")
+        time.sleep(1.0)
+
+
+def test_a_simulated_run_lands_in_every_table_once(kafka, clickhouse, tmp_path):
+    settings = _settings(kafka, clickhouse.dsn)
+    provision(settings)
+    worker = WorkerProcess(settings, tmp_path / "worker.log", **FAST).wait_ready()
+    labels_path = tmp_path / "outage.jsonl"
+    client = store.connect(settings)
+    store.migrate(client, settings)
+    stop = threading.Event()
+    sink = ClickHouseSink(settings, store.connect(settings), Metrics(CollectorRegistry()), stop)
+    thread = threading.Thread(target=sink.run, daemon=True)
+    thread.start()
+    try:
+        simulate(settings, SimulateOptions("service-outage", 100, 40, seed=3, speed=0, labels_path=labels_path))
+        _produce_bad(settings)
+        expected = _expected(labels_path, dead_letters=len(BAD))
+        rows = _wait_for_counts(lambda: store.table_counts(client), expected, 180,
+                                lambda: _on_topics(settings) + "\n" + worker.tail())
+    finally:
+        stop.set()
+        thread.join(30)
+        worker.stop()
+    print("\nrows per table:", rows)
+
+    # the trends count every request once, in the class the worker gave it
+    trend_total = client.query("SELECT uniqMerge(requests) FROM problem_trends").result_rows[0][0]
+    assert trend_total == expected["requests"]
+    reasons = dict(client.query("SELECT source_topic, reason FROM dead_letters FINAL").result_rows)
+    assert "not valid JSON" in reasons[settings.topic("client-spans")]
+    assert "received_at_us" in reasons[settings.topic("fault-reports")]
+    assert "name" in reasons[settings.topic("behaviour")]
+
+    # support finds the outage: a reporter's timeline, and the failing service on top
+    labels = list(read_labels(labels_path))
+    failing, _ = Counter(label.failing_service for label in labels if isinstance(label, RequestLabel)
+                         and label.in_scenario_window and label.expected_class == "server_error").most_common(1)[0]
+    report = next(label for label in labels if isinstance(label, ReportLabel) and label.expected_class == "server_error")
+    now = time.time_ns() // 1000
+    story = lookup.timeline(client, "user", report.user_id, now - 86_400_000_000, now + 3_600_000_000)
+    kinds = {(entry.kind, entry.id): entry for entry in story.entries}
+    assert kinds[("report", report.report_id)].diagnosis_class == "server_error"
+    assert kinds[("request", report.request_ids[0])].service == failing
+    top = lookup.top_problems(client, "service", now - 86_400_000_000, now + 3_600_000_000)
+    assert (top.rows[0].diagnosis_class, top.rows[0].value) == ("server_error", failing)
+
+
+def _start_serve(settings: Settings, log: Path) -> subprocess.Popen:
+    handle = log.open("ab")
+    proc = subprocess.Popen(supportlens_cmd("serve", "--no-worker"), env=settings_env(settings),
+                            stdout=handle, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while READY_LINE.encode() not in log.read_bytes():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    return proc
+
+
+def test_a_sink_killed_mid_run_and_restarted_leaves_no_row_missing_or_twice(kafka, clickhouse, tmp_path):
+    settings = _settings(kafka, subprocess_dsn(clickhouse, tmp_path), support_port=free_port())
+    provision(settings)
+    worker = WorkerProcess(settings, tmp_path / "worker.log", **FAST).wait_ready()
+    labels_path = tmp_path / "outage.jsonl"
+    log = tmp_path / "serve.log"
+    run = subprocess.Popen(
+        supportlens_cmd("simulate", "--scenario", "service-outage", "--rate", "100", "--duration", "40",
+                        "--speed", "4", "--labels", str(labels_path)),
+        env=settings_env(settings), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    remote = RemoteSupport(settings.support_url)
+    serve = _start_serve(settings, log)
+    try:
+        deadline = time.monotonic() + 60
+        while remote.table_counts().rows["spans"] < 1500:  # mid-run: some batches in, more on the way
+            assert time.monotonic() < deadline and serve.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        serve.kill()
+        serve.wait()
+        assert run.poll() is None, "the run ended before the kill; make it longer"
+        serve = _start_serve(settings, log)
+        assert run.wait(120) == 0, run.stderr.read().decode()
+        _produce_bad(settings)
+        # The sink's truth is what its topics hold: the requests the worker wrote (the worker's
+        # own completeness against the labels is proven in test_worker and in the test above).
+        expected = _expected(labels_path, dead_letters=len(BAD))
+        expected["requests"] = _distinct_requests(settings, at_least=expected["requests"] - 20)
+        _wait_for_counts(remote.table_counts, expected, 180, lambda: _on_topics(settings) + "\n" + log.read_text()[-4000:])
+    finally:
+        serve.terminate()
+        serve.wait(60)
+        worker.stop()
+    # After a clean stop the store is free: read it as a person would, through the CLI.
+    status = subprocess.run(supportlens_cmd("db", "status", "--json"), env=settings_env(settings),
+                            capture_output=True, check=True)
+    counts = msgspec.json.decode(status.stdout, type=store.TableCounts)
+    assert {table: counts.rows[table] for table in expected} == expected
+    print("\nrows:", counts.rows, "\nstored (re-delivered copies before merges):", counts.stored)
+
+
+class RefusingClient:
+    """A real ClickHouse client whose first ``refusals`` inserts fail, as an unreachable server's would."""
+
+    def __init__(self, client, refusals: int) -> None:
+        self.client = client
+        self.refusals = refusals
+        self.attempts = 0
+
+    def insert(self, *args, **kwargs):
+        self.attempts += 1
+        if self.attempts <= self.refusals:
+            raise ConnectionError("connection refused (simulated outage)")
+        return self.client.insert(*args, **kwargs)
+
+
+def _committed(settings: Settings) -> int:
+    consumer = Consumer(settings.kafka_config(**{"group.id": f"{settings.topic_prefix}sink"}))
+    try:
+        partitions = [TopicPartition(settings.topic("behaviour"), p) for p in range(settings.partitions)]
+        return sum(max(tp.offset, 0) for tp in consumer.committed(partitions, timeout=10))
+    finally:
+        consumer.close()
+
+
+def test_while_clickhouse_refuses_records_are_held_uncommitted_then_land(kafka, clickhouse, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="sinks.clickhouse_sink")
+    settings = _settings(kafka, clickhouse.dsn)
+    provision(settings)
+    client = store.connect(settings)
+    store.migrate(client, settings)
+    producer = Producer(settings.producer_config())
+    for i in range(200):
+        event = f'{{"event_id":"e{i}","user_id":"u{i % 7}","ts_us":{time.time_ns() // 1000},"name":"tap"}}'
+        producer.produce(settings.topic("behaviour"), key=f"u{i % 7}".encode(), value=event.encode())
+    assert producer.flush(30) == 0
+    refusing = RefusingClient(store.connect(settings), refusals=3)
+    registry = CollectorRegistry()
+    stop = threading.Event()
+    sink = ClickHouseSink(settings, refusing, Metrics(registry), stop)  # type: ignore[arg-type]
+    thread = threading.Thread(target=sink.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while refusing.attempts < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert _committed(settings) == 0  # refused: nothing committed
+        assert registry.get_sample_value("supportlens_sink_write_failures_total", {"table": "behaviour"}) >= 3
+        _wait_for_counts(lambda: store.table_counts(client), {"behaviour": 200}, 90, lambda: "")
+        deadline = time.monotonic() + 30
+        while _committed(settings) != 200:
+            assert time.monotonic() < deadline, _committed(settings)
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert any("did not take" in r.getMessage() and "uncommitted" in r.getMessage() for r in caplog.records)
+    assert any("took behaviour again" in r.getMessage() for r in caplog.records)

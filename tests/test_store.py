@@ -1,0 +1,221 @@
+"""The ClickHouse store on real ClickHouse: migrations, deduplication, trends, the support lookups
+(CLI functions and HTTP API) and hostile lookup input.
+
+Runs on the embedded engine here; on a server when ``CLICKHOUSE_URL`` is set or Docker answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
+
+from sinks.clickhouse_rows import MAPPINGS, RecordMeta, to_row
+from span_factory import client, server
+from supportlens import store
+from supportlens.contracts import CorrelatedRequest, DiagnosedReport, Diagnosis, FaultReport, encode
+from supportlens.errors import UserError
+from supportlens.store import lookup
+from supportlens.support.access import DirectSupport
+from supportlens.support.api import build_support_app
+
+pytestmark = pytest.mark.clickhouse
+HOUR_US = 3_600_000_000
+# Recent times: rows older than a table's retention would be dropped on their way in.
+T0 = (time.time_ns() // 1000 // HOUR_US - 2) * HOUR_US
+NOW = T0 + HOUR_US
+
+
+def _client_span(**kw):
+    return client(**{"start_us": T0, **kw})
+
+
+def _server_span(service, span_id, parent, start_ms, duration_ms, **kw):
+    return server(service, span_id, parent, start_ms, duration_ms, **{"start_us": T0 + int(start_ms * 1000), **kw})
+
+
+@pytest.fixture
+def db(store_settings):
+    client = store.connect(store_settings)
+    store.migrate(client, store_settings)
+    yield client
+    client.command(f"DROP DATABASE IF EXISTS `{store_settings.clickhouse_database}`")
+
+
+def _insert(client, topic: str, records) -> None:
+    mapping = MAPPINGS[topic]
+    rows = [to_row(topic, encode(r), RecordMeta(0, i, 0), 1_048_576) for i, r in enumerate(records)]
+    client.insert(mapping.table, rows, column_names=mapping.columns)
+
+
+def _request(request_id: str, cls: str = "ok", ip: str = "203.0.113.7", start: int = T0, version: int = 1,
+             service: str = "payment", user: str = "u1") -> CorrelatedRequest:
+    return CorrelatedRequest(
+        request_id=request_id, version=version, start_us=start, client_ip=ip, user_id=user, account_id="acct-1",
+        operation="POST /v1/payments/confirm", root_service="edge-gateway", has_client=True, has_server=True,
+        region="cn-east", diagnosis=Diagnosis(cls=cls, service=service if cls != "ok" else ""),
+        server_status="error" if cls == "server_error" else "ok",
+    )
+
+
+def test_migrations_are_numbered_recorded_and_idempotent(db, store_settings):
+    names = [f"{m.number:04d}_{m.name}" for m in store.migrations()]
+    assert names[0] == "0001_spans" and len(names) >= 7
+    recorded = [r[0] for r in db.query("SELECT number FROM schema_migrations FINAL ORDER BY number").result_rows]
+    assert recorded == [m.number for m in store.migrations()]
+    assert store.migrate(db, store_settings) == []  # nothing left to do
+    tables = {r[0] for r in db.query("SELECT name FROM system.tables WHERE database = currentDatabase()").result_rows}
+    assert set(store.DATA_TABLES) | {"request_index", "customer_timeline", "top_problems"} <= tables
+
+
+def test_a_changed_migration_is_refused(db, store_settings, monkeypatch):
+    original = store.migrations()
+    changed = store.Migration(1, "spans", original[0].sql + "\n-- edited")
+    monkeypatch.setattr(store, "migrations", lambda: (changed, *original[1:]))
+    with pytest.raises(UserError, match="0001_spans was changed"):
+        store.migrate(db, store_settings)
+
+
+def test_retention_follows_configuration(db, store_settings):
+    engine = dict(db.query("SELECT name, engine_full FROM system.tables WHERE database = currentDatabase()").result_rows)
+    assert "toIntervalDay(14)" in engine["spans"] and "toIntervalDay(365)" in engine["fault_reports"]
+    shorter = store_settings.model_copy(update={"clickhouse_ttl_days": {**store_settings.clickhouse_ttl_days,
+                                                                        "spans": 3, "behaviour": 0}})
+    assert store.apply_retention(db, shorter) == ["spans: keep 3 days", "behaviour: keep forever"]
+    assert store.apply_retention(db, shorter) == []
+    engine = dict(db.query("SELECT name, engine_full FROM system.tables WHERE database = currentDatabase()").result_rows)
+    assert "toIntervalDay(3)" in engine["spans"] and " TTL " not in engine["behaviour"]
+
+
+def test_redelivered_rows_are_one_row_and_the_highest_version_wins(db):
+    spans = [_client_span(), _server_span("payment", "s1", "c1", 5, 40)]
+    _insert(db, "client-spans", spans)
+    _insert(db, "client-spans", spans)  # the sink crashed before its commit: the batch comes again
+    _insert(db, "requests", [_request("r1", "server_error", ip="", version=2)])
+    _insert(db, "requests", [_request("r1", "server_error", version=3), _request("r1", "server_error", version=3)])
+    counts = store.table_counts(db)
+    assert counts.rows["spans"] == 2 and counts.stored["spans"] == 4
+    assert counts.rows["requests"] == 1
+    assert db.query("SELECT client_ip, version FROM requests FINAL").result_rows == [("203.0.113.7", 3)]
+    db.command("OPTIMIZE TABLE spans FINAL")
+    assert store.table_counts(db).stored["spans"] == 2
+    # trends count each request once, however often it was written
+    assert db.query("SELECT uniqMerge(requests) FROM problem_trends").result_rows == [(1,)]
+
+
+def _sample(db) -> None:
+    _insert(db, "requests", [
+        _request("r-ok", start=T0 - 10 * HOUR_US),
+        _request("r-fail", "server_error", start=T0),
+        _request("r-other", "server_error", ip="198.51.100.1", user="u2", start=T0),
+        _request("r-old", "server_error", start=T0 - 48 * HOUR_US),
+    ])
+    _insert(db, "client-spans", [_client_span(request_id="r-fail", span_id="c9", status="error", http_status=502)])
+    _insert(db, "server-spans", [_server_span("edge-gateway", "g1", "c9", 5, 50, request_id="r-fail"),
+                                 _server_span("payment", "p1", "g1", 8, 40, request_id="r-fail", status="error",
+                                        http_status=503, error_code="PAYMENT_UNAVAILABLE")])
+    _insert(db, "fault-reports", [FaultReport(report_id="rep-1", received_at_us=T0 + 60_000_000, user_id="u1",
+                                              client_ip="203.0.113.7", request_ids=["r-fail"],
+                                              user_message="付款一直失败")])
+    _insert(db, "reports-diagnosed", [DiagnosedReport(
+        report_id="rep-1", received_at_us=T0 + 60_000_000, diagnosed_at_us=T0 + 61_000_000, user_id="u1",
+        client_ip="203.0.113.7", diagnosis=Diagnosis(cls="server_error", service="payment"),
+        title="我们的支付服务出现故障", locale="zh-CN")])
+
+
+def test_timeline_of_a_client(db):
+    _sample(db)
+    result = lookup.timeline(db, "ip", "203.0.113.7", NOW - 24 * HOUR_US, NOW)
+    assert [(e.kind, e.id) for e in result.entries] == [("report", "rep-1"), ("request", "r-fail"), ("request", "r-ok")]
+    assert (result.requests, result.failed, result.reports) == (2, 1, 1)
+    assert result.entries[0].detail == "我们的支付服务出现故障" and result.entries[1].service == "payment"
+    by_user = lookup.timeline(db, "user", "u2", NOW - 24 * HOUR_US, NOW)
+    assert [e.id for e in by_user.entries] == ["r-other"]
+    assert lookup.timeline(db, "account", "acct-1", NOW - 72 * HOUR_US, NOW).requests == 4
+
+
+def test_call_chain_is_a_waterfall_from_the_first_span(db):
+    _sample(db)
+    chain = lookup.request_chain(db, "r-fail")
+    assert chain.found and chain.diagnosis_class == "server_error" and chain.reports == ["rep-1"]
+    assert [(s.side, s.service, s.offset_us) for s in chain.spans] == [
+        ("client", "mobile-app", 0), ("server", "edge-gateway", 5000), ("server", "payment", 8000)]
+    assert chain.spans[2].error_code == "PAYMENT_UNAVAILABLE"
+    assert not lookup.request_chain(db, "nope").found
+
+
+def test_report_detail_and_top_problems(db):
+    _sample(db)
+    report = lookup.report_detail(db, "rep-1")
+    assert report.diagnosed and report.user_message == "付款一直失败" and report.request_ids == ["r-fail"]
+    top = lookup.top_problems(db, "service", NOW - 24 * HOUR_US, NOW)
+    assert [(r.diagnosis_class, r.value, r.requests, r.users) for r in top.rows] == [("server_error", "payment", 2, 2)]
+    assert top.rows[0].share == pytest.approx(2 / 3)
+
+
+HOSTILE = [
+    "203.0.113.7' OR '1'='1", "'; DROP TABLE requests; --", "x" * 100_000, "", " ", "1.2.3.4.5", "::g",
+    "{key:String}", "\x00", "203.0.113.7\n",
+]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_hostile_lookup_input_is_refused_or_finds_nothing(db, value):
+    _sample(db)
+    for kind in ("ip", "user", "account"):
+        try:
+            result = lookup.timeline(db, kind, value, NOW - 24 * HOUR_US, NOW)
+        except lookup.LookupInputError as exc:
+            assert exc.message and "Exception" not in exc.message
+        else:
+            assert kind == "ip" and value.strip() == "203.0.113.7" or result.entries == []
+    for call in (lookup.request_chain, lookup.report_detail):
+        try:
+            assert not call(db, value).found
+        except lookup.LookupInputError:
+            pass
+    assert store.table_counts(db).rows["requests"] == 4  # nothing was dropped
+
+
+@pytest.mark.parametrize("text, message", [
+    ("24", "not a duration"), ("-1h", "not a duration"), ("999d", "out of range"), ("1h; DROP", "not a duration"),
+])
+def test_bad_durations(text, message):
+    with pytest.raises(lookup.LookupInputError, match=message):
+        lookup.parse_duration(text)
+
+
+def test_until_accepts_now_iso_and_ago():
+    assert lookup.parse_until("now", now_us=NOW) == NOW
+    assert lookup.parse_until("2h", now_us=NOW) == NOW - 2 * HOUR_US
+    assert lookup.parse_until("2025-11-22T03:20:00Z") == 1_763_781_600_000_000
+    with pytest.raises(lookup.LookupInputError, match="not a time"):
+        lookup.parse_until("yesterday-ish")
+
+
+def test_support_api_answers_json_and_refuses_bad_input_with_400(db):
+    _sample(db)
+
+    async def scenario():
+        app = build_support_app(DirectSupport(db), CollectorRegistry())
+        async with TestClient(TestServer(app)) as http:
+            ok = await http.get("/v1/timeline", params={"ip": "203.0.113.7", "since_us": NOW - 24 * HOUR_US,
+                                                        "until_us": NOW})
+            body = await ok.json()
+            assert ok.status == 200 and [e["id"] for e in body["entries"]] == ["rep-1", "r-fail", "r-ok"]
+            chain = await (await http.get("/v1/request", params={"id": "r-fail"})).json()
+            assert len(chain["spans"]) == 3
+            for params in ({"ip": "1' OR 1=1"}, {"user": "u1", "ip": "1.2.3.4"}, {"ip": "1.2.3.4", "since": "lots"},
+                           {"ip": "1.2.3.4", "limit": "many"}):
+                bad = await http.get("/v1/timeline", params=params)
+                payload = await bad.json()
+                assert bad.status == 400 and payload["error"] and "Traceback" not in await bad.text()
+            bad_top = await http.get("/v1/top", params={"by": "region; DROP TABLE spans"})
+            assert bad_top.status == 400 and "cannot group by" in (await bad_top.json())["error"]
+            tables = await (await http.get("/v1/tables")).json()
+            assert tables["rows"]["requests"] == 4
+
+    asyncio.run(scenario())
