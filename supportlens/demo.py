@@ -2,12 +2,17 @@
 
 Per scenario: the records sent against what landed, the requests the worker correlated
 against the ground truth, and how its report diagnoses compare with the labels. At the
-end, the confusion table of all report diagnoses.
+end, the confusion table of all report diagnoses, and what support staff would see in
+ClickHouse: the lookup of one customer hit by the outage and the top problems of the run.
+
+The pipeline runs as ``supportlens serve`` (worker, ClickHouse sink, support API) in a
+child process, on a store of the demo's own.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -20,10 +25,14 @@ from rich.progress import Progress
 from rich.table import Table
 
 from sinks.run_summary import RECORD_TYPES, Observed, Score, accuracy_by_class, compare, observe, score
+from supportlens import store
 from supportlens.config import Settings
 from supportlens.contracts import CLASSES, CorrelatedRequest, DiagnosedReport, decode
 from supportlens.errors import UserError
-from supportlens.simulator.labels import RunLabel, read_labels
+from supportlens.serve import READY_LINE
+from supportlens.simulator.labels import ReportLabel, RequestLabel, RunLabel, read_labels
+from supportlens.support import render
+from supportlens.support.access import RemoteSupport
 from supportlens.simulator.run import SimulateOptions, simulate
 from supportlens.simulator.scenarios import SCENARIOS
 from supportlens.topic_reader import Offsets, end_offsets, read_range
@@ -48,16 +57,20 @@ def run_demo(
     The demo works in its own namespace (``<topic prefix>demo.``): it never reads or writes
     the pipeline's real topics, whatever cluster the settings point at.
     """
-    settings = settings.model_copy(update={**DEMO_TIMING, "topic_prefix": f"{settings.topic_prefix}demo."})
+    settings = _demo_settings(settings)
     provision(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _fresh_store(settings)
     console.print(
         f"[bold]supportlens demo[/]: {len(DEMO_SCENARIOS)} scenarios, {rate:g} requests/s at peak, "
-        f"{duration_s} simulated seconds each, Kafka at {settings.kafka_bootstrap}"
+        f"{duration_s} simulated seconds each, Kafka at {settings.kafka_bootstrap}, "
+        f"ClickHouse {store.redact_dsn(settings.clickhouse_dsn)}"
     )
-    worker = _start_worker(settings, out_dir / "worker.log", console)
+    log_path = out_dir / "serve.log"
+    worker = _start_serve(settings, log_path, console)
     problems: list[str] = []
     results: list[tuple[RunLabel, Score]] = []
+    labels: list = []
     try:
         for name in DEMO_SCENARIOS:
             inputs = [settings.topic(t) for t in RECORD_TYPES]
@@ -70,12 +83,16 @@ def run_demo(
             logical = {settings.topic(t): t for t in RECORD_TYPES}
             seen = observe(((logical[m.topic()], m.value()) for m in read_range(
                 settings, {tp: o for tp, o in before.items() if tp[0] in logical})), settings.max_record_bytes)
-            result = _await_outputs(settings, before, list(read_labels(options.labels_path)), worker)
+            run_labels = list(read_labels(options.labels_path))
+            labels += run_labels
+            result = _await_outputs(settings, before, run_labels, worker)
             results.append((run, result))
             problems += _print_scenario(console, settings, run, seen, result)
+        correlated = sum(len(r.correlated) for _, r in results)
+        problems += _show_store(console, settings, labels, [run for run, _ in results], correlated, worker)
     finally:
         worker.terminate()
-        worker.wait(30)
+        worker.wait(60)
 
     for title, confusion in (("report diagnoses", sum((r.reports for _, r in results), Counter())),
                              ("request diagnoses", sum((r.requests for _, r in results), Counter()))):
@@ -83,22 +100,84 @@ def run_demo(
         console.print(f"\n[bold]{title}, all scenarios[/] (rows: expected, columns: diagnosed)")
         console.print(_confusion_table(confusion))
     if problems:
-        raise UserError("; ".join(problems), hint=f"the worker's log is {out_dir / 'worker.log'}")
-    console.print(f"[green]Every record landed, every request was correlated, every report diagnosed.[/] Files: {out_dir}/")
+        raise UserError("; ".join(problems), hint=f"the pipeline's log is {log_path}")
+    console.print("[green]Every record landed, every request was correlated, every report diagnosed and "
+                  f"stored in ClickHouse.[/] Files: {out_dir}/")
+    env = f"SUPPORTLENS_CLICKHOUSE_DSN={settings.clickhouse_dsn} SUPPORTLENS_CLICKHOUSE_DATABASE={settings.clickhouse_database}"
+    console.print(f"Look around yourself: [bold]{env} supportlens top --by region --since 2d[/]")
 
 
-def _start_worker(settings: Settings, log_path: Path, console: Console) -> subprocess.Popen[bytes]:
+def _demo_settings(settings: Settings) -> Settings:
+    """Own topics, own store, a free port for the support API: the demo never touches the real pipeline."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((settings.support_host, 0))
+        port = sock.getsockname()[1]
+    update = {**DEMO_TIMING, "topic_prefix": f"{settings.topic_prefix}demo.", "support_port": port,
+              "support_url": f"http://{settings.support_host}:{port}"}
+    if settings.embedded_store:
+        update["clickhouse_dsn"] = f"chdb://{settings.state_dir / 'demo-clickhouse'}"
+    else:
+        update["clickhouse_database"] = f"{settings.clickhouse_database}_demo"
+    return settings.model_copy(update=update)
+
+
+def _fresh_store(settings: Settings) -> None:
+    """Start every demo from an empty store (the demo's own, see :func:`_demo_settings`)."""
+    if settings.embedded_store:
+        shutil.rmtree(settings.clickhouse_dsn.removeprefix("chdb://"), ignore_errors=True)
+    else:
+        store.connect(settings).command(f"DROP DATABASE IF EXISTS `{settings.clickhouse_database}`")
+
+
+def _start_serve(settings: Settings, log_path: Path, console: Console) -> subprocess.Popen[bytes]:
     log = log_path.open("wb")
-    worker = subprocess.Popen([sys.executable, "-m", "supportlens", "worker"], env=settings.as_env() | _base_env(),
-                              stdout=log, stderr=subprocess.STDOUT)
+    serve = subprocess.Popen([sys.executable, "-m", "supportlens", "serve"], env=settings.as_env() | _base_env(),
+                             stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
-    with console.status("starting the worker (Faust joins its consumer group and recovers its table)…"):
-        while b"Worker ready" not in log_path.read_bytes():
-            if worker.poll() is not None or time.monotonic() > deadline:
-                worker.kill()
-                raise UserError(f"the worker did not start; see {log_path}")
+    with console.status("starting the pipeline (worker, ClickHouse sink, support API)…"):
+        while not all(line in log_path.read_bytes() for line in (b"Worker ready", READY_LINE.encode())):
+            if serve.poll() is not None or time.monotonic() > deadline:
+                serve.kill()
+                raise UserError(f"the pipeline did not start; see {log_path}")
             time.sleep(0.2)
-    return worker
+    return serve
+
+
+def _show_store(console: Console, settings: Settings, labels: list, runs: list[RunLabel], correlated: int,
+                serve: subprocess.Popen[bytes]) -> list[str]:
+    """Wait for the sink to store what the worker wrote, then show what support staff would see."""
+    support = RemoteSupport(settings.support_url)
+    last, since = -1, time.monotonic()
+    with console.status("waiting for ClickHouse to hold every request…"):
+        while True:
+            rows = support.table_counts().rows["requests"]
+            if rows != last:
+                last, since = rows, time.monotonic()
+            if rows >= correlated and time.monotonic() - since > 2:
+                break
+            if time.monotonic() - since > 60 or serve.poll() is not None:
+                return [f"ClickHouse holds {rows} requests, the worker correlated {correlated}"]
+            time.sleep(0.5)
+    counts = support.table_counts()
+    console.print()
+    console.print(render.counts_table(counts, f"{settings.clickhouse_database} after the demo"))
+    requests = {label.request_id: label for label in labels if isinstance(label, RequestLabel)}
+    report = next((label for label in labels if isinstance(label, ReportLabel)
+                   and label.scenario == "service-outage" and label.expected_class == "server_error"
+                   and label.request_ids and label.request_ids[0] in requests), None)
+    since_us = min(run.start_us for run in runs) - 60_000_000
+    until_us = max(max(run.end_us for run in runs), time.time_ns() // 1000) + 60_000_000
+    if report is not None:
+        customer = requests[report.request_ids[0]]
+        console.print(f"\n[bold]supportlens lookup --ip {customer.client_ip}[/]: a customer who reported the outage")
+        console.print(render.timeline_table(support.timeline("ip", customer.client_ip, since_us, until_us, 20)))
+        console.print(f"\n[bold]supportlens lookup --request {customer.request_id}[/]: the request they reported")
+        console.print(render.chain_view(support.request_chain(customer.request_id)))
+    console.print("\n[bold]supportlens top --by service[/]: the problems of the whole run")
+    console.print(render.top_table(support.top_problems("service", since_us, until_us, 10)))
+    return []
 
 
 def _base_env() -> dict[str, str]:
