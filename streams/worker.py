@@ -163,15 +163,18 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
             for event in batch:
                 topic = logical_of.get(event.message.topic, event.message.topic)
                 metrics.events_in.labels(topic).inc()
+                partition = event.message.partition
+                if topic != "reports-by-request":
+                    # Every record counts as read, also one that is dead-lettered below: otherwise
+                    # this partition never looks caught up and its silence fallback never fires.
+                    read_offsets[(topic.removesuffix("-spans"), partition)] = event.message.offset
                 record = decode_or_none(event, FaultReport if topic == "reports-by-request" else Span)
                 if isinstance(record, InvalidRecord):
                     await dead_letter(event, record.reason)
                     continue
                 ts_ms = int((event.message.timestamp or now) * 1000)
-                partition = event.message.partition
                 if isinstance(record, Span):
                     clock(partition).observe(record.side, ts_ms, now)
-                    read_offsets[(topic.removesuffix("-spans"), partition)] = event.message.offset
                     key = record.request_id.encode()
                     if event.key != key:
                         await dead_letter(event, f"record key {event.key!r} is not its request_id "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -217,8 +218,15 @@ class Settings(BaseSettings):
         return env
 
     def public_view(self) -> dict[str, Any]:
-        """The settings as a person may see them: secrets masked."""
-        return self.model_dump(mode="json")
+        """The settings as a person may see them: secrets masked, also a password inside the DSN."""
+        view = self.model_dump(mode="json")
+        view["clickhouse_dsn"] = redact_dsn(self.clickhouse_dsn)
+        return view
+
+
+def redact_dsn(dsn: str) -> str:
+    """A DSN without its password, fit for logs, errors and screens."""
+    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", dsn)
 
 
 def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:

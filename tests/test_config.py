@@ -111,3 +111,14 @@ def test_a_child_process_resolves_the_same_settings_from_as_env(monkeypatch, tmp
     again = load_settings()
     assert again.model_dump() == original.model_dump()
     assert again.kafka_sasl_password.get_secret_value() == "pw"
+
+
+def test_clickhouse_settings_are_checked_and_the_dsn_password_is_masked():
+    settings = load_settings(clickhouse_dsn="http://support:s3cret@ch.internal:8123", clickhouse_ttl_days={"spans": 3})
+    assert settings.clickhouse_ttl_days["spans"] == 3 and settings.clickhouse_ttl_days["requests"] == 90
+    assert "s3cret" not in str(settings.public_view()) and not settings.embedded_store
+    assert settings.support_url == "http://127.0.0.1:8481"
+    with pytest.raises(UserError, match="no table named spanz"):
+        load_settings(clickhouse_ttl_days={"spanz": 3})
+    with pytest.raises(UserError, match="clickhouse_database"):
+        load_settings(clickhouse_database="x; DROP")

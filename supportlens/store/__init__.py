@@ -18,7 +18,7 @@ import msgspec
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from supportlens.config import Settings
+from supportlens.config import Settings, redact_dsn
 from supportlens.errors import UserError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -108,11 +108,6 @@ def _explain(settings: Settings, exc: Exception) -> UserError:
         f"cannot use ClickHouse at {redact_dsn(settings.clickhouse_dsn)}: {first_line[:300]}",
         hint="check SUPPORTLENS_CLICKHOUSE_DSN and that the server is up",
     )
-
-
-def redact_dsn(dsn: str) -> str:
-    """The DSN without a password, fit for logs and errors."""
-    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", dsn)
 
 
 def migrate(client: Client, settings: Settings) -> list[str]:
