@@ -35,6 +35,7 @@ test: venv services
 # Throughput figures, each measured beside its baseline in the same run (not part of `make test`).
 bench: venv kafka-start
 	$(BIN)/python bench/correlation.py
+	$(BIN)/python bench/clickhouse.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -19,11 +19,15 @@ from supportlens.contracts import (
     AttributeValue,
     BehaviourEvent,
     CorrelatedRequest,
+    DeliveryAttempt,
     DiagnosedReport,
     FaultReport,
+    IncidentEvent,
     InvalidRecord,
     Network,
+    Notification,
     Span,
+    SurgeEvent,
     decode,
 )
 
@@ -167,6 +171,53 @@ DEAD_LETTERS = TableMapping("dead_letters", (
 ), _dead_letter_row)
 
 
+def _surge_row(value: bytes, meta: RecordMeta, max_bytes: int) -> list[Any]:
+    e = decode(value, SurgeEvent, max_bytes)
+    return [e.dimension, e.value, e.at_us, e.surge_id, e.phase, e.started_at_us, e.score, e.rate_per_min,
+            e.baseline_per_min, e.reports, e.failed_requests, e.affected_users, e.drill, _attributes(e.attributes)]
+
+
+SURGES = TableMapping("surges", (
+    "dimension", "value", "at", "surge_id", "phase", "started_at", "score", "rate_per_min",
+    "baseline_per_min", "reports", "failed_requests", "affected_users", "drill", "attributes",
+), _surge_row)
+
+
+def _incident_row(value: bytes, meta: RecordMeta, max_bytes: int) -> list[Any]:
+    e = decode(value, IncidentEvent, max_bytes)
+    return [e.incident_id, e.sequence, e.transition, e.at_us, e.started_at_us, e.resolved_at_us, e.severity,
+            e.title, e.reason, e.root_key, dict(e.dimensions), list(e.services), list(e.teams), e.affected_users,
+            e.declared_by, e.drill, _attributes(e.attributes)]
+
+
+INCIDENTS = TableMapping("incidents", (
+    "incident_id", "sequence", "transition", "at", "started_at", "resolved_at", "severity", "title", "reason",
+    "root_key", "dimensions", "services", "teams", "affected_users", "declared_by", "drill", "attributes",
+), _incident_row)
+
+
+def _notification_row(value: bytes, meta: RecordMeta, max_bytes: int) -> list[Any]:
+    n = decode(value, Notification, max_bytes)
+    return [n.account_id, n.notification_id, n.created_at_us, n.kind, n.incident_id, n.channel, n.locale,
+            n.subject, n.body, n.drill, _attributes(n.attributes)]
+
+
+NOTIFICATIONS = TableMapping("notifications", (
+    "account_id", "notification_id", "created_at", "kind", "incident_id", "channel", "locale", "subject",
+    "body", "drill", "attributes",
+), _notification_row)
+
+
+def _delivery_row(value: bytes, meta: RecordMeta, max_bytes: int) -> list[Any]:
+    d = decode(value, DeliveryAttempt, max_bytes)
+    return [d.notification_id, d.attempt, d.account_id, d.at_us, d.channel, d.outcome, d.detail, d.drill]
+
+
+DELIVERIES = TableMapping("notification_deliveries", (
+    "notification_id", "attempt", "account_id", "at", "channel", "outcome", "detail", "drill",
+), _delivery_row)
+
+
 # Logical topic → table. The sink reads exactly these topics.
 MAPPINGS: dict[str, TableMapping] = {
     "client-spans": SPANS,
@@ -176,6 +227,10 @@ MAPPINGS: dict[str, TableMapping] = {
     "reports-diagnosed": REPORT_DIAGNOSES,
     "behaviour": BEHAVIOUR,
     "dlq": DEAD_LETTERS,
+    "surges": SURGES,
+    "incidents": INCIDENTS,
+    "notifications": NOTIFICATIONS,
+    "deliveries": DELIVERIES,
 }
 
 

@@ -37,6 +37,10 @@ DEFAULT_TTL_DAYS: dict[str, int] = {
     "behaviour": 30,
     "dead_letters": 14,
     "problem_trends": 400,
+    "surges": 400,
+    "incidents": 0,
+    "notifications": 400,
+    "notification_deliveries": 400,
 }
 
 

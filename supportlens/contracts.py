@@ -249,8 +249,100 @@ class DiagnosedReport(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     drill: bool = False
 
 
-Record = Span | FaultReport | BehaviourEvent | Account | CorrelatedRequest | DiagnosedReport
-R = TypeVar("R", Span, FaultReport, BehaviourEvent, Account, CorrelatedRequest, DiagnosedReport)
+Score = Annotated[float, Meta(ge=0.0, le=1.0)]
+Count = Annotated[int, Meta(ge=0)]
+Rate = Annotated[float, Meta(ge=0.0)]
+Dimensions = Annotated[dict[str, Name], Meta(max_length=16)]
+
+
+class SurgeEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """A surge of fault reports or failed requests in one dimension value: its start,
+    its updates while it lasts, and its end (DESIGN.md §5)."""
+
+    surge_id: Id
+    phase: Literal["start", "update", "end"]
+    at_us: TimestampUs
+    started_at_us: TimestampUs
+    dimension: Name  # service | diagnosis_class | region | network | app_version | platform
+    value: Name
+    score: Score
+    rate_per_min: Rate = 0.0
+    baseline_per_min: Rate = 0.0
+    reports: Count = 0
+    failed_requests: Count = 0
+    affected_users: Count = 0
+    drill: bool = False
+    attributes: Attributes = {}
+    schema_version: int = SCHEMA_VERSION
+
+
+IncidentTransition = Literal["declared", "updated", "escalated", "mitigated", "resolved"]
+Severity = Literal["sev1", "sev2", "sev3", "sev4"]
+
+
+class IncidentEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """One transition of an incident, with the reason a person can read. ``sequence``
+    counts an incident's transitions: the highest is its current state."""
+
+    incident_id: Id
+    sequence: Annotated[int, Meta(ge=1)]
+    transition: IncidentTransition
+    at_us: TimestampUs
+    started_at_us: TimestampUs
+    resolved_at_us: TimestampUs | None = None
+    severity: Severity
+    title: Text = ""
+    reason: Text
+    root_key: Name  # related surges merge under one root, e.g. "service=payment"
+    dimensions: Dimensions = {}  # what is affected, e.g. {"service": "payment", "region": "cn-east"}
+    services: Annotated[list[Name], Meta(max_length=64)] = []
+    teams: Annotated[list[Name], Meta(max_length=64)] = []
+    affected_users: Count = 0
+    declared_by: Name = "policy"  # or a person's name
+    drill: bool = False
+    attributes: Attributes = {}
+    schema_version: int = SCHEMA_VERSION
+
+
+NotificationKind = Literal["incident_declared", "incident_resolved", "misuse_advice"]
+
+
+class Notification(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """A message to a customer account in the outbox; ``notification_id`` is the idempotency
+    key (one per incident, account and kind; per pattern and week for advice)."""
+
+    notification_id: Id
+    account_id: Id
+    kind: NotificationKind
+    created_at_us: TimestampUs
+    incident_id: OptionalId = ""
+    channel: Channel = "none"
+    locale: Locale = "en"
+    subject: Text = ""
+    body: Text = ""
+    drill: bool = False
+    attributes: Attributes = {}
+    schema_version: int = SCHEMA_VERSION
+
+
+class DeliveryAttempt(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """One attempt to deliver a notification, and how it went."""
+
+    notification_id: Id
+    attempt: Annotated[int, Meta(ge=1)]
+    account_id: Id
+    at_us: TimestampUs
+    channel: Channel
+    outcome: Literal["delivered", "failed", "rate_limited", "dead_lettered", "skipped_drill"]
+    detail: Text = ""  # e.g. the HTTP status or SMTP reply; never a secret
+    drill: bool = False
+    schema_version: int = SCHEMA_VERSION
+
+
+Record = (Span | FaultReport | BehaviourEvent | Account | CorrelatedRequest | DiagnosedReport | SurgeEvent
+          | IncidentEvent | Notification | DeliveryAttempt)
+R = TypeVar("R", Span, FaultReport, BehaviourEvent, Account, CorrelatedRequest, DiagnosedReport, SurgeEvent,
+            IncidentEvent, Notification, DeliveryAttempt)
 
 KIND_NAMES: dict[type, str] = {
     Span: "span",
@@ -259,6 +351,10 @@ KIND_NAMES: dict[type, str] = {
     Account: "account",
     CorrelatedRequest: "correlated request",
     DiagnosedReport: "diagnosed report",
+    SurgeEvent: "surge event",
+    IncidentEvent: "incident event",
+    Notification: "notification",
+    DeliveryAttempt: "delivery attempt",
 }
 
 _encoder = msgspec.json.Encoder()

@@ -66,6 +66,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("incidents", "incident_id", 365 * DAY_MS, purpose="incident lifecycle events"),
     TopicSpec("accounts", "account_id", -1, compacted=True, purpose="customer accounts (latest per key)"),
     TopicSpec("notifications", "account_id", 30 * DAY_MS, purpose="outbox of customer notifications"),
+    TopicSpec("deliveries", "notification_id", 30 * DAY_MS, purpose="every attempt to deliver a notification"),
     TopicSpec("dlq", "original key", 14 * DAY_MS, purpose="dead letters with reason and origin"),
 )
 

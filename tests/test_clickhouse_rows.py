@@ -10,6 +10,10 @@ from span_factory import T0, client, server
 from supportlens.contracts import (
     BehaviourEvent,
     CorrelatedRequest,
+    DeliveryAttempt,
+    IncidentEvent,
+    Notification,
+    SurgeEvent,
     DiagnosedReport,
     Diagnosis,
     FaultReport,
@@ -96,3 +100,23 @@ def test_backoff_grows_and_is_capped():
     assert backoff_delay(1, rng=lambda: 1.0) < backoff_delay(3, rng=lambda: 1.0) < backoff_delay(20, rng=lambda: 1.0)
     assert backoff_delay(50, rng=lambda: 1.0) <= 30.05
     assert backoff_delay(5, rng=lambda: 0.0) == pytest.approx(0.05)
+
+
+def test_surge_incident_notification_and_delivery_rows():
+    surge = _row("surges", SurgeEvent(surge_id="sg1", phase="start", at_us=T0, started_at_us=T0, dimension="service",
+                                       value="payment", score=0.93, affected_users=120))
+    assert (surge["dimension"], surge["value"], surge["phase"], surge["affected_users"]) == ("service", "payment", "start", 120)
+    incident = _row("incidents", IncidentEvent(
+        incident_id="inc-1", sequence=2, transition="resolved", at_us=T0 + 9, started_at_us=T0, resolved_at_us=T0 + 9,
+        severity="sev2", reason="rates at baseline for 10 minutes", root_key="service=payment",
+        dimensions={"service": "payment"}, teams=["payments"]))
+    assert incident["resolved_at"] == T0 + 9 and incident["dimensions"] == {"service": "payment"}
+    notice = _row("notifications", Notification(notification_id="inc-1:acct-7:incident_declared", account_id="acct-7",
+                                                kind="incident_declared", created_at_us=T0, locale="zh-CN"))
+    assert notice["locale"] == "zh-CN" and notice["kind"] == "incident_declared"
+    attempt = _row("deliveries", DeliveryAttempt(notification_id="n1", attempt=2, account_id="acct-7", at_us=T0,
+                                                 channel="webhook", outcome="failed", detail="HTTP 503"))
+    assert (attempt["attempt"], attempt["outcome"]) == (2, "failed")
+    with pytest.raises(InvalidRecord, match="score"):
+        to_row("surges", b'{"surge_id":"s","phase":"start","at_us":1,"started_at_us":1,"dimension":"service",'
+                         b'"value":"x","score":1.5}', META, 1024)

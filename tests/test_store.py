@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from sinks.clickhouse_rows import MAPPINGS, RecordMeta, to_row
 from span_factory import client, server
 from supportlens import store
-from supportlens.contracts import CorrelatedRequest, DiagnosedReport, Diagnosis, FaultReport, encode
+from supportlens.contracts import CorrelatedRequest, DiagnosedReport, Diagnosis, FaultReport, IncidentEvent, encode
 from supportlens.errors import UserError
 from supportlens.store import lookup
 from supportlens.support.access import DirectSupport
@@ -135,6 +135,27 @@ def test_timeline_of_a_client(db):
     by_user = lookup.timeline(db, "user", "u2", NOW - 24 * HOUR_US, NOW)
     assert [e.id for e in by_user.entries] == ["r-other"]
     assert lookup.timeline(db, "account", "acct-1", NOW - 72 * HOUR_US, NOW).requests == 4
+
+
+def _incident(sequence: int, transition: str, service: str, resolved: int | None = None, drill: bool = False,
+              incident_id: str = ""):
+    return IncidentEvent(incident_id=incident_id or f"inc-{service}", sequence=sequence, transition=transition,
+                         at_us=T0, started_at_us=T0 - HOUR_US, resolved_at_us=resolved, severity="sev2",
+                         title=f"{service} failing", reason="2 owner teams needed", root_key=f"service={service}",
+                         dimensions={"service": service}, drill=drill)
+
+
+def test_the_timeline_names_the_incidents_a_customer_fell_into(db):
+    _sample(db)
+    _insert(db, "incidents", [
+        _incident(1, "declared", "payment"), _incident(2, "resolved", "payment", resolved=T0 + HOUR_US // 2),
+        _incident(1, "declared", "search"),  # another service: not theirs
+        _incident(1, "declared", "payment", drill=True, incident_id="drill-1"),  # a drill is nobody's incident
+    ])
+    result = lookup.timeline(db, "ip", "203.0.113.7", NOW - 24 * HOUR_US, NOW)
+    assert [(i.incident_id, i.state, i.requests) for i in result.incidents] == [("inc-payment", "resolved", 1)]
+    state = db.query("SELECT state, last_sequence FROM incidents_current WHERE incident_id = 'inc-payment'").result_rows
+    assert state == [("resolved", 2)]
 
 
 def test_call_chain_is_a_waterfall_from_the_first_span(db):

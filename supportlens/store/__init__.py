@@ -32,6 +32,10 @@ TTL_COLUMNS: dict[str, str] = {
     "behaviour": "ts",
     "dead_letters": "at",
     "problem_trends": "minute",
+    "surges": "at",
+    "incidents": "started_at",
+    "notifications": "created_at",
+    "notification_deliveries": "at",
 }
 
 # The tables a row count means something for (views and indexes left out).

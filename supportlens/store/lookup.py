@@ -108,6 +108,42 @@ class TimelineEntry(msgspec.Struct, frozen=True, kw_only=True):
     user_id: str
     account_id: str
     drill: bool = False
+    region: str = ""
+    network: str = ""
+    app_version: str = ""
+    platform: str = ""
+
+    def dimension(self, name: str) -> str:
+        """This entry's value in an incident dimension (names as surges and incidents use them)."""
+        return {"service": self.service, "diagnosis_class": self.diagnosis_class, "region": self.region,
+                "network": self.network, "app_version": self.app_version, "platform": self.platform}.get(name, "")
+
+
+FAILED_CLASSES = frozenset({"network_unreachable", "network_slow", "server_error", "server_slow",
+                            "client_misuse", "client_crash"})
+
+
+def fell_into(entry: TimelineEntry, dimensions: dict[str, str], started_us: int, resolved_us: int | None) -> bool:
+    """Did this failed request fall into an incident of these dimensions and times? (pure)"""
+    return (
+        entry.kind == "request"
+        and entry.diagnosis_class in FAILED_CLASSES
+        and started_us <= entry.at_us < (resolved_us if resolved_us is not None else 2**63)
+        and all(entry.dimension(name) == value for name, value in dimensions.items())
+    )
+
+
+class IncidentHit(msgspec.Struct, frozen=True, kw_only=True):
+    """An incident a customer fell into, and how many of their failed requests it covers."""
+
+    incident_id: str
+    title: str
+    severity: str
+    state: str
+    started_at_us: int
+    resolved_at_us: int | None
+    root_key: str
+    requests: int
 
 
 class Timeline(msgspec.Struct, frozen=True, kw_only=True):
@@ -119,6 +155,7 @@ class Timeline(msgspec.Struct, frozen=True, kw_only=True):
     failed: int
     reports: int
     entries: list[TimelineEntry]  # newest first, at most `limit` of each kind
+    incidents: list[IncidentHit] = []
 
 
 class ChainSpan(msgspec.Struct, frozen=True, kw_only=True):
@@ -217,7 +254,8 @@ def timeline(client: Client, kind: str, key: str, since_us: int, until_us: int, 
         "SELECT toUnixTimestamp64Micro(start), request_id, operation, diagnosis_class, "
         "if(diagnosis_service != '', diagnosis_service, root_service), "
         "if(client_status = 'error' OR server_status = 'error', 'error', 'ok'), "
-        "greatest(client_duration_us, server_duration_us), diagnosis_evidence, client_ip, user_id, account_id, drill "
+        "greatest(client_duration_us, server_duration_us), diagnosis_evidence, client_ip, user_id, account_id, drill, "
+        "region, isp, app_version, platform "
         f"FROM requests FINAL WHERE request_id IN ({ids}) ORDER BY start DESC LIMIT {{limit:UInt32}}",
         parameters=params,
     ).result_rows
@@ -235,7 +273,8 @@ def timeline(client: Client, kind: str, key: str, since_us: int, until_us: int, 
     entries = [
         TimelineEntry(at_us=r[0], kind="request", id=r[1], what=r[2], diagnosis_class=r[3], service=r[4],
                       status=r[5], duration_us=r[6], detail=r[7], client_ip=r[8], user_id=r[9],
-                      account_id=r[10], drill=bool(r[11]))
+                      account_id=r[10], drill=bool(r[11]), region=r[12], network=r[13], app_version=r[14],
+                      platform=r[15])
         for r in requests
     ] + [
         TimelineEntry(at_us=r[0], kind="report", id=r[1], what=r[2], diagnosis_class=r[3] or "pending",
@@ -245,7 +284,30 @@ def timeline(client: Client, kind: str, key: str, since_us: int, until_us: int, 
     ]
     entries.sort(key=lambda e: (e.at_us, e.kind), reverse=True)
     return Timeline(key_kind=kind, key=key, since_us=since_us, until_us=until_us, requests=counts[0],
-                    failed=counts[1], reports=len(reports), entries=entries)
+                    failed=counts[1], reports=len(reports), entries=entries,
+                    incidents=_incidents_hit(client, entries, since_us, until_us))
+
+
+def _incidents_hit(client: Client, entries: list[TimelineEntry], since_us: int, until_us: int) -> list[IncidentHit]:
+    """The incidents of the window that the customer's failed requests fell into."""
+    if not any(e.kind == "request" and e.diagnosis_class in FAILED_CLASSES for e in entries):
+        return []
+    rows = client.query(
+        "SELECT incident_id, title, severity, state, toUnixTimestamp64Micro(started_at), "
+        "if(resolved_at IS NULL, NULL, toUnixTimestamp64Micro(assumeNotNull(resolved_at))), root_key, dimensions "
+        "FROM incidents_current WHERE started_at < fromUnixTimestamp64Micro({until:Int64}) "
+        "AND (resolved_at IS NULL OR resolved_at >= fromUnixTimestamp64Micro({since:Int64})) AND NOT drill "
+        "ORDER BY started_at DESC LIMIT 1000",
+        parameters={"since": since_us, "until": until_us},
+    ).result_rows
+    hits = []
+    for incident_id, title, severity, state, started, resolved, root_key, dimensions in rows:
+        covered = sum(fell_into(e, dict(dimensions), started, resolved) for e in entries)
+        if covered:
+            hits.append(IncidentHit(incident_id=incident_id, title=title, severity=severity, state=state,
+                                    started_at_us=started, resolved_at_us=resolved, root_key=root_key,
+                                    requests=covered))
+    return hits
 
 
 def request_chain(client: Client, request_id: str) -> RequestChain:

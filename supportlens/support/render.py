@@ -43,6 +43,10 @@ def timeline_table(result: Timeline) -> Table:
         )
     if not result.entries:
         table.caption = "nothing in this window: try a longer --since, or another key"
+    elif result.incidents:
+        table.caption = "fell into: " + "; ".join(
+            f"{i.incident_id} {i.severity} {i.title or i.root_key} ({i.state}, {i.requests} failed requests)"
+            for i in result.incidents)
     return table
 
 
