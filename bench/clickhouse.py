@@ -53,7 +53,7 @@ from prometheus_client import CollectorRegistry
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `sinks` is a top-level package of the repo
 
 from sinks.clickhouse_rows import MAPPINGS, RecordMeta, to_row  # noqa: E402
-from sinks.clickhouse_sink import ClickHouseSink  # noqa: E402
+from sinks.clickhouse_sink import ClickHouseSink, tune_gc_for_sink  # noqa: E402
 from supportlens.config import Settings  # noqa: E402
 from supportlens.contracts import Network, Span, encode  # noqa: E402
 from supportlens.metrics import Metrics  # noqa: E402
@@ -232,6 +232,7 @@ def run_sink(settings: Settings, client, total: int, profile: Path | None) -> tu
 
     thread = threading.Thread(target=target, name="sink", daemon=True)
     gc.collect()
+    tune_gc_for_sink()  # as `supportlens sink` and `serve` do
     started = time.perf_counter()
     thread.start()
     first_read = 0.0

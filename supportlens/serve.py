@@ -28,6 +28,7 @@ from supportlens.metrics import Metrics
 from supportlens.support.access import DirectSupport
 from supportlens.support.api import build_support_app
 from supportlens.topics import require_topics
+from sinks.clickhouse_sink import tune_gc_for_sink
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def run_sink_process(settings: Settings, loglevel: str = "info") -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     sink = ClickHouseSink(settings, store.connect(settings, create_database=False), Metrics(REGISTRY), stop)
+    tune_gc_for_sink()
     log.info("sink ready: ClickHouse %s", store.redact_dsn(settings.clickhouse_dsn))
     sink.run()
     log.info("sink stopped after writing %d rows", sink.rows_written)
@@ -86,6 +88,7 @@ def run_serve(settings: Settings, *, with_worker: bool = True, with_sink: bool =
         sink_thread = threading.Thread(target=sink.run, name="clickhouse-sink", daemon=True)
         sink_thread.start()
     worker = _start_worker(settings, loglevel, worker_log) if with_worker else None
+    tune_gc_for_sink()
     try:
         failed = asyncio.run(_serve_api(settings, sink_thread, worker))
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sinks.clickhouse_rows import MAPPINGS, RecordMeta, to_row
+from sinks.clickhouse_rows import MAPPINGS, RecordMeta, to_landing_json, to_row
 from sinks.clickhouse_sink import backoff_delay
 from span_factory import T0, client, server
 from supportlens.contracts import (
@@ -120,3 +120,12 @@ def test_surge_incident_notification_and_delivery_rows():
     with pytest.raises(InvalidRecord, match="score"):
         to_row("surges", b'{"surge_id":"s","phase":"start","at_us":1,"started_at_us":1,"dimension":"service",'
                          b'"value":"x","score":1.5}', META, 1024)
+
+
+def test_landing_json_is_the_validated_record_with_unknown_fields_in_attributes():
+    raw = (b'{"request_id":"r1","side":"server","service":"api","start_us":1,"duration_us":2,"status":"ok",'
+           b'"k8s.pod":"api-7","attributes":{"x":1}}')
+    line = to_landing_json("server-spans", raw, 1024)
+    assert b"\n" not in line and b'"attributes":{"x":1,"k8s.pod":"api-7"}' in line
+    with pytest.raises(InvalidRecord, match="diagnosis.cls"):
+        to_landing_json("requests", b'{"request_id":"r1","start_us":1,"diagnosis":{"cls":"nope"}}', 1024)

@@ -13,10 +13,19 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
-from sinks.clickhouse_rows import MAPPINGS, RecordMeta, to_row
+from sinks.clickhouse_rows import MAPPINGS, RecordMeta, to_landing_json, to_row
 from span_factory import client, server
 from supportlens import store
-from supportlens.contracts import CorrelatedRequest, DiagnosedReport, Diagnosis, FaultReport, IncidentEvent, encode
+from supportlens.contracts import (
+    CorrelatedRequest,
+    DiagnosedReport,
+    Diagnosis,
+    FaultReport,
+    Hop,
+    IncidentEvent,
+    Network,
+    encode,
+)
 from supportlens.errors import UserError
 from supportlens.store import lookup
 from supportlens.support.access import DirectSupport
@@ -88,6 +97,34 @@ def test_retention_follows_configuration(db, store_settings):
     assert store.apply_retention(db, shorter) == []
     engine = dict(db.query("SELECT name, engine_full FROM system.tables WHERE database = currentDatabase()").result_rows)
     assert "toIntervalDay(3)" in engine["spans"] and " TTL " not in engine["behaviour"]
+
+
+def test_landing_tables_map_json_exactly_as_the_python_rows_do(db):
+    """The sink's fast path (JSON parsed by ClickHouse, mapped by a view) and the typed Python
+    mapping give the same row, field for field."""
+    records = {
+        "client-spans": [_client_span(network=Network(isp="China Mobile", asn=9808, connection_type="wifi"),
+                                      attributes={"retry": 2, "cached": True, "screen": "cart"}, status="error",
+                                      http_status=502, error_message="line\nbreak"),
+                         _server_span("payment", "s1", "c1", 5, 40, http_status=None)],
+        "requests": [CorrelatedRequest(
+            request_id="r1", version=3, start_us=T0, client_ip="203.0.113.7", has_client=True, has_server=True,
+            teams=["payments"], hops=[Hop(service="payment", offset_us=5000, duration_us=40_000, status="error")],
+            client_http_status=502, diagnosis=Diagnosis(cls="server_error", service="payment", team="payments",
+                                                        code="PAYMENT_UNAVAILABLE", catalog_version=1))],
+    }
+    for topic, items in records.items():
+        mapping = MAPPINGS[topic]
+        lines = [to_landing_json(topic, encode(r), 1_048_576) for r in items]
+        db.raw_insert(mapping.landing, insert_block=b"\n".join(lines), fmt="JSONEachRow")
+        columns = [c for c in mapping.columns if c != "start"]
+        stored = db.query(f"SELECT {', '.join(columns)}, toUnixTimestamp64Micro(start) FROM {mapping.table} "
+                          "ORDER BY 1, 2").result_rows
+        expected = sorted((to_row(topic, encode(r), RecordMeta(0, 0, 0), 1_048_576) for r in items),
+                          key=lambda row: (row[0], row[1]))
+        for row, want in zip(stored, expected, strict=True):
+            named = dict(zip(mapping.columns, want))
+            assert dict(zip([*columns, "start"], row)) == named
 
 
 def test_redelivered_rows_are_one_row_and_the_highest_version_wins(db):
