@@ -61,6 +61,7 @@ def run_demo(
     provision(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     _fresh_store(settings)
+    _sink_from_now_on(settings)
     console.print(
         f"[bold]supportlens demo[/]: {len(DEMO_SCENARIOS)} scenarios, {rate:g} requests/s at peak, "
         f"{duration_s} simulated seconds each, Kafka at {settings.kafka_bootstrap}, "
@@ -129,6 +130,22 @@ def _fresh_store(settings: Settings) -> None:
         shutil.rmtree(settings.clickhouse_dsn.removeprefix("chdb://"), ignore_errors=True)
     else:
         store.connect(settings).command(f"DROP DATABASE IF EXISTS `{settings.clickhouse_database}`")
+
+
+def _sink_from_now_on(settings: Settings) -> None:
+    """Point the demo's sink group at the end of its topics: the fresh store then holds this
+    run, not whatever earlier demos left on the broker."""
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+    from confluent_kafka.admin import AdminClient
+
+    from sinks.clickhouse_rows import MAPPINGS
+
+    ends = end_offsets(settings, [settings.topic(name) for name in MAPPINGS])
+    group = ConsumerGroupTopicPartitions(f"{settings.topic_prefix}sink",
+                                         [TopicPartition(t, p, offset) for (t, p), offset in ends.items()])
+    admin = AdminClient(settings.kafka_config())  # kept alive until the answer is in: a dropped client drops it
+    for future in admin.alter_consumer_group_offsets([group], request_timeout=30).values():
+        future.result(timeout=60)
 
 
 def _start_serve(settings: Settings, log_path: Path, console: Console) -> subprocess.Popen[bytes]:
