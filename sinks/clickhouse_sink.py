@@ -320,11 +320,3 @@ def _first_line(exc: Exception) -> str:
 
 
 MAPPINGS_BY_TABLE: dict[str, TableMapping] = {m.table: m for m in MAPPINGS.values()}
-
-
-def run_sink(settings: Settings, client: Client, metrics: Metrics, stop: threading.Event) -> ClickHouseSink:
-    """Run a sink until ``stop`` is set; returns it (for its counters)."""
-    sink = ClickHouseSink(settings, client, metrics, stop)
-    sink.run()
-    return sink
-

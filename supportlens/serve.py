@@ -22,13 +22,17 @@ import sys
 import threading
 from pathlib import Path
 
+from prometheus_client import REGISTRY
+
+from sinks.clickhouse_rows import MAPPINGS
+from sinks.clickhouse_sink import ClickHouseSink, tune_gc_for_sink
 from supportlens import store
 from supportlens.config import Settings
+from supportlens.gateway.server import open_site
 from supportlens.metrics import Metrics
 from supportlens.support.access import DirectSupport
 from supportlens.support.api import build_support_app
 from supportlens.topics import require_topics
-from sinks.clickhouse_sink import tune_gc_for_sink
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +53,6 @@ def _open_store(settings: Settings) -> None:
 
 def run_sink_process(settings: Settings, loglevel: str = "info") -> None:
     """``supportlens sink``: the ClickHouse sink alone, until SIGINT/SIGTERM (then a last flush)."""
-    from prometheus_client import REGISTRY
-
-    from sinks.clickhouse_sink import ClickHouseSink
-    from sinks.clickhouse_rows import MAPPINGS
-
     _logging(loglevel)
     require_topics(settings, tuple(MAPPINGS))
     _open_store(settings)
@@ -70,11 +69,6 @@ def run_sink_process(settings: Settings, loglevel: str = "info") -> None:
 def run_serve(settings: Settings, *, with_worker: bool = True, with_sink: bool = True, loglevel: str = "info",
               worker_log: Path | None = None) -> None:
     """Serve until SIGINT/SIGTERM or until a part dies (exit code 1 then)."""
-    from prometheus_client import REGISTRY
-
-    from sinks.clickhouse_rows import MAPPINGS
-    from sinks.clickhouse_sink import ClickHouseSink
-
     _logging(loglevel)
     if with_sink:
         require_topics(settings, tuple(MAPPINGS))
@@ -117,10 +111,6 @@ def _start_worker(settings: Settings, loglevel: str, log_path: Path | None) -> s
 async def _serve_api(settings: Settings, sink_thread: threading.Thread | None,
                      worker: subprocess.Popen[bytes] | None) -> bool:
     """Run the API; True when it ended because a part died."""
-    from prometheus_client import REGISTRY
-
-    from supportlens.gateway.server import open_site
-
     app = build_support_app(DirectSupport(store.connect(settings, create_database=False)), REGISTRY)
     runner = await open_site(app, settings.support_host, settings.support_port,
                              name="support API", env_prefix="SUPPORTLENS_SUPPORT")

@@ -99,13 +99,15 @@ class RemoteSupport:
 def open_support(settings: Settings) -> Support:
     """The way to the lookups from a command line.
 
-    A server DSN is queried directly. The embedded store is asked through the support
-    API when one answers (``supportlens serve`` holds the store), and opened here otherwise.
+    A server DSN is queried directly, read-only. The embedded store is asked through the
+    support API when one answers (``supportlens serve`` holds the store), and opened here otherwise.
     """
-    if settings.embedded_store:
-        remote = RemoteSupport(settings.support_url)
-        if remote.healthy():
-            return remote
+    if not settings.embedded_store:
+        # a server's schema is the sink's to migrate; support staff may hold read-only credentials
+        return DirectSupport(store.connect(settings, create_database=False))
+    remote = RemoteSupport(settings.support_url)
+    if remote.healthy():
+        return remote
     client = store.connect(settings)
-    store.migrate(client, settings)
+    store.migrate(client, settings)  # the store is ours alone right now: an empty one gets its tables
     return DirectSupport(client)
