@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
-from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
 from sinks.clickhouse_rows import MAPPINGS, RecordMeta, TableMapping, to_landing_json, to_row
 from streams.dead_letters import dead_letter_headers
@@ -41,6 +41,7 @@ _NO_META = RecordMeta(0, 0, 0)
 BACKOFF_FIRST_S = 0.5
 MAX_BATCHES_WAITING = 4  # a table's batch grows to this many times sink_batch_rows while an insert runs
 BACKOFF_MAX_S = 30.0
+LAG_EVERY_S = 5.0
 
 
 @dataclass
@@ -99,6 +100,7 @@ class ClickHouseSink:
         self.jobs: queue.Queue[tuple[str, TableBatch] | None] = queue.Queue(maxsize=1)
         self.results: queue.Queue[tuple[str, TableBatch, Exception | None]] = queue.Queue()
         self.in_flight: tuple[str, int] | None = None  # (table, records) of the insert on the writer thread
+        self.lag_measured = 0.0
         self.consumer = Consumer(settings.kafka_config(**{
             "group.id": f"{settings.topic_prefix}sink",
             "enable.auto.commit": False,
@@ -114,6 +116,20 @@ class ClickHouseSink:
         self.producer = Producer(settings.producer_config(**{"linger.ms": 20}))
 
     # -- the loop -----------------------------------------------------------------
+
+    def _measure_lag(self, now: float) -> None:
+        """Records on the broker not yet read, per topic, from the cached high watermarks (no request)."""
+        self.lag_measured = now
+        lag: Counter[str] = Counter()
+        try:
+            for tp in self.consumer.position(self.consumer.assignment()):
+                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+                if high >= 0 and tp.offset >= 0:
+                    lag[self.logical.get(tp.topic, tp.topic)] += max(0, high - tp.offset)
+        except KafkaException:  # a rebalance in progress: measure next time
+            return
+        for topic, records in lag.items():
+            self.metrics.consumer_lag.labels("sink", topic).set(records)
 
     def run(self) -> None:
         self.consumer.subscribe(list(self.logical), on_revoke=self._on_revoke)
@@ -131,6 +147,10 @@ class ClickHouseSink:
                         read[logical] += 1
                 for logical, count in read.items():  # per poll, not per record: it is the hot loop
                     self.metrics.events_in.labels(logical).inc(count)
+                if messages:
+                    self.metrics.last_progress.labels("sink").set(time.time())
+                if now - self.lag_measured >= LAG_EVERY_S:
+                    self._measure_lag(now)
                 self._flush(force=False)
         finally:
             self._flush(force=True, last=True)

@@ -1,12 +1,30 @@
 """Every Prometheus metric of supportlens, declared once with its meaning.
 
 Processes import the objects from here; no module invents a metric name of its own.
-Tests that need isolation pass their own ``registry``.
+Tests that need isolation pass their own ``registry``. Alert rules in ``alert_rules/``
+name these series (Counters gain ``_total`` on the wire).
+
+Label cardinality is bounded by construction: ``topic`` and ``table`` are our own
+logical names, ``component`` one of :data:`COMPONENTS`, surge ``value`` one of the
+bounded set the surge detector tracks per dimension, and per-incident series exist only
+while that incident is open.
 """
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+import logging
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server,
+)
+
+from supportlens.config import Settings
+from supportlens.errors import UserError
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("worker", "sink", "gateway")
 
 
 class Metrics:
@@ -46,3 +64,66 @@ class Metrics:
             "sink_held_records", "Records read but not yet written and committed (held while ClickHouse refuses).",
             namespace=ns, registry=registry,
         )
+
+        self.consumer_lag = Gauge(
+            "consumer_lag_records", "Records on the broker not yet read, by component and logical topic "
+            "(summed over the partitions this process owns).", ["component", "topic"],
+            namespace=ns, registry=registry,
+        )
+        self.last_progress = Gauge(
+            "last_progress_timestamp_seconds", "Wall time (Unix seconds) a component last processed a record.",
+            ["component"], namespace=ns, registry=registry,
+        )
+        self.processing_latency = Histogram(
+            "processing_latency_seconds", "Wall time from a record's Kafka timestamp to its processing, by component.",
+            ["component"], namespace=ns, registry=registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+        )
+        self.surge_score = Gauge(
+            "surge_score", "Score in [0, 1] of each active surge (the series goes away when the surge ends).",
+            ["dimension", "value"], namespace=ns, registry=registry,
+        )
+        self.surges_started = Counter(
+            "surges_started", "Surges that started, by dimension.", ["dimension"], namespace=ns, registry=registry,
+        )
+        self.incidents_open = Gauge(
+            "incidents_open", "Open incidents, by severity and drill flag.", ["severity", "drill"],
+            namespace=ns, registry=registry,
+        )
+        self.incident_open_started = Gauge(
+            "incident_open_started_timestamp_seconds",
+            "When each open incident started (Unix seconds, event time); the series goes away when it resolves.",
+            ["incident_id", "severity", "root_key", "drill"], namespace=ns, registry=registry,
+        )
+        self.incident_transitions = Counter(
+            "incident_transitions", "Incident lifecycle events written, by transition.", ["transition"],
+            namespace=ns, registry=registry,
+        )
+        self.notification_deliveries = Counter(
+            "notification_deliveries", "Attempts to deliver a customer notification, by channel and outcome "
+            "(delivered | failed | rate_limited | dead_lettered | skipped_drill).", ["channel", "outcome"],
+            namespace=ns, registry=registry,
+        )
+
+
+def serve_metrics(settings: Settings, port: int, what: str) -> None:
+    """Serve the process's Prometheus metrics at ``/metrics`` (port 0: not at all)."""
+    if not port:
+        return
+    try:
+        start_http_server(port, addr=settings.metrics_host)
+    except OSError as exc:
+        raise UserError(f"the {what} cannot serve /metrics on {settings.metrics_host}:{port}: {exc.strerror or exc}",
+                        hint=f"choose another port with SUPPORTLENS_{what.upper()}_METRICS_PORT (0 turns it off)") from None
+    log.info("%s metrics at http://%s:%d/metrics", what, settings.metrics_host, port)
+
+
+def metrics_route(registry: CollectorRegistry = REGISTRY) -> web.RouteDef:
+    """``GET /metrics`` for an aiohttp app (the gateway, the support API)."""
+
+    async def metrics(_request: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    return web.get("/metrics", metrics)

@@ -29,7 +29,7 @@ from sinks.clickhouse_sink import ClickHouseSink, tune_gc_for_sink
 from supportlens import store
 from supportlens.config import Settings
 from supportlens.gateway.server import open_site
-from supportlens.metrics import Metrics
+from supportlens.metrics import Metrics, serve_metrics
 from supportlens.support.access import DirectSupport
 from supportlens.support.api import build_support_app
 from supportlens.topics import require_topics
@@ -60,6 +60,7 @@ def run_sink_process(settings: Settings, loglevel: str = "info") -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     sink = ClickHouseSink(settings, store.connect(settings, create_database=False), Metrics(REGISTRY), stop)
+    serve_metrics(settings, settings.sink_metrics_port, "sink")
     tune_gc_for_sink()
     log.info("sink ready: ClickHouse %s", store.redact_dsn(settings.clickhouse_dsn))
     sink.run()

@@ -21,6 +21,7 @@ from urllib.parse import quote
 import msgspec
 from aiohttp import web
 
+from supportlens.metrics import metrics_route
 from supportlens.config import Settings
 from supportlens.gateway import ingest, otlp_wire
 from supportlens.gateway.addresses import ClientAddressPolicy
@@ -240,6 +241,7 @@ def build_app(
             web.get("/v1/reports/{report_id}", gateway.report_status),
             web.post("/v1/behaviour", gateway.behaviour),
             web.get("/healthz", gateway.health),
+            metrics_route(),
         ]
     )
     return app

@@ -16,8 +16,9 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
+from supportlens.metrics import metrics_route
 from supportlens.errors import UserError
 from supportlens.store.lookup import LookupInputError, parse_duration, parse_until
 from supportlens.support.access import Support
@@ -113,16 +114,11 @@ def build_support_app(support: Support, registry: CollectorRegistry) -> web.Appl
     app = web.Application()
     app[SUPPORT] = support
 
-    async def metrics(request: web.Request) -> web.Response:
-        response = web.Response(body=generate_latest(registry))
-        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
-        return response
-
     app.router.add_get("/v1/timeline", timeline)
     app.router.add_get("/v1/request", request_chain)
     app.router.add_get("/v1/report", report_detail)
     app.router.add_get("/v1/top", top)
     app.router.add_get("/v1/tables", tables)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_routes([metrics_route(registry)])
     return app
