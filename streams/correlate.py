@@ -44,6 +44,7 @@ class Pending(msgspec.Struct, kw_only=True):
     last_seen_s: float = 0.0
     emitted_version: int = 0  # span count of the last request emitted; 0 = none yet
     emitted_at_s: float = 0.0
+    counted: list[str] = []  # dimensions this request was counted in as failed (surge signals)
 
 
 _encoder = msgspec.json.Encoder()

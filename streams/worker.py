@@ -6,6 +6,15 @@ Topology (all joined topics co-partitioned by request id):
     client-spans ────────────────────────────────┼─▶ correlate ─▶ (table: pending) ─timer─▶ requests
     server-spans ────────────────────────────────┘                                 └──────▶ reports-diagnosed
 
+Beside it, surge detection and incident management (``streams.signals``, ``streams.detect``):
+
+    spans, fault reports ──count──▶ incident-signals (1 partition) ─▶ detect ─▶ surges, incidents
+    (every worker, partial counts + its clock)        supportlens declare/resolve ─┘
+
+The detect agent owns the one partition of ``incident-signals``: one global view of every
+dimension, fed with partial counts (a few records per second per worker, whatever the span
+rate). Its state is one record in a changelog-backed table, written with every batch.
+
 Guarantees: state changes are written to the table's changelog before the input offset
 is committed (Faust flushes its producer first), so a killed worker restarts with every
 span it had acknowledged; a request leaves the table only after it was sent, so a crash
@@ -16,9 +25,12 @@ version is its span count).
 from __future__ import annotations
 
 import heapq
-from collections import OrderedDict
 import logging
+import os
+import socket
 import time
+import uuid
+from collections import OrderedDict, defaultdict
 from typing import Any
 
 import faust
@@ -26,9 +38,14 @@ from faust.types import TP
 from aiokafka.partitioner import DefaultPartitioner
 
 from supportlens.config import Settings
-from supportlens.contracts import FaultReport, InvalidRecord, Span, decode, encode
-from supportlens.metrics import Metrics
+from supportlens.contracts import (
+    FaultReport, IncidentCommand, InvalidRecord, SignalClock, SignalCount, Span, decode, decode_signal, encode,
+)
+from supportlens.metrics import Metrics, serve_metrics
 from streams.catalog import Catalog
+from streams.detect import EngineConfig, Outputs, SurgeEngine, dump_engine, load_engine
+from streams.incidents import Policy
+from streams.signals import SignalAggregator, count_new_failures, failure_dimensions
 from streams.correlate import (
     Pending,
     SideClock,
@@ -51,9 +68,13 @@ TICK_S = 0.25
 BATCH = 1000
 BATCH_WAIT_S = 0.05
 MAX_EMITTED_IN_MEMORY = 200_000
+SIGNAL_FLUSH_S = 1.0
+LAG_EVERY_S = 5.0
+ENGINE_KEY = b"engine"
 
 
-def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Metrics | None = None) -> faust.App:
+def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Policy, engine_config: EngineConfig,
+               metrics: Metrics | None = None) -> faust.App:
     """A Faust app wired to ``settings``; nothing runs until a worker starts it."""
     metrics = metrics or Metrics()
     app = faust.App(
@@ -78,7 +99,8 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
     )
     raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     name = {logical: settings.topic(logical) for logical in (
-        "client-spans", "server-spans", "fault-reports", "reports-by-request", "requests", "reports-diagnosed", "dlq")}
+        "client-spans", "server-spans", "fault-reports", "reports-by-request", "requests", "reports-diagnosed", "dlq",
+        "incident-signals", "surges", "incidents")}
     logical_of = {full: logical for logical, full in name.items()}
     joined = app.topic(name["client-spans"], name["server-spans"], name["reports-by-request"], **raw)
     reports_in = app.topic(name["fault-reports"], **raw)
@@ -86,6 +108,16 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
     requests_out = app.topic(name["requests"], **raw)
     diagnosed_out = app.topic(name["reports-diagnosed"], **raw)
     dlq = app.topic(name["dlq"], **raw)
+    signals = app.topic(name["incident-signals"], partitions=1, **raw)
+    surges_out = app.topic(name["surges"], **raw)
+    incidents_out = app.topic(name["incidents"], **raw)
+    # one partition, like its source: the surge detector and incident manager see everything
+    engine_table = app.Table("incident_engine", partitions=1, use_partitioner=True, key_type=bytes, value_type=bytes)
+    source = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    aggregator = SignalAggregator(source=source, bucket_s=engine_config.surge.bucket_s, sketch_k=engine_config.sketch_k)
+    engine_box: list[SurgeEngine] = []  # the engine of this worker, while it owns incident-signals
+    last_flush = [time.time()]
+    positions: dict[tuple[str, int], int] = {}  # (topic, partition) → last offset read
     pending = app.Table("pending", partitions=settings.partitions, use_partitioner=True, key_type=bytes, value_type=bytes)
     # In memory, rebuilt from the table after recovery: requests that wait for no side, by
     # wall second; requests that wait for a side, per (partition, side) by record time.
@@ -98,19 +130,33 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
     partitioner = DefaultPartitioner()
     all_partitions = list(range(settings.partitions))
 
-    read_offsets: dict[tuple[str, int], int] = {}  # (side, partition) → last offset read
-
     def caught_up(side: str, partition: int) -> bool:
         """Has this worker read everything the broker has for this side and partition?"""
-        topic = name["client-spans" if side == "client" else "server-spans"]
+        return topic_caught_up((name["client-spans" if side == "client" else "server-spans"], partition))
+
+    def topic_caught_up(tp: object) -> bool:
+        topic, partition = tp  # type: ignore[misc]
         try:
             high = app.consumer.highwater(TP(topic, partition))
         except Exception:  # not assigned (any more), or no fetch yet: nothing to wait for here
             return True
         if not high:
             return True
-        last = read_offsets.get((side, partition))
+        last = positions.get((topic, partition))
         return last is not None and last + 1 >= high
+
+    def progress(event: faust.types.EventT, now: float) -> None:
+        message = event.message
+        positions[(message.topic, message.partition)] = message.offset
+        if message.timestamp:
+            metrics.processing_latency.labels("worker").observe(max(0.0, now - message.timestamp))
+
+    def flush_signals(now: float) -> None:
+        """Send this worker's partial counts and clock (buffered: they precede the offset commit)."""
+        last_flush[0] = now
+        for signal in aggregator.flush(topic_caught_up, int(now * 1_000_000)):
+            signals.send_soon(key=source.encode(), value=encode(signal))
+        metrics.last_progress.labels("worker").set(now)
 
     def clock(partition: int) -> SideClock:
         if partition not in clocks:
@@ -145,10 +191,13 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
         """Fault reports arrive keyed by report id; re-key each by the request it names."""
         async for event in stream.events():
             metrics.events_in.labels("fault-reports").inc()
+            progress(event, time.time())
             report = decode_or_none(event, FaultReport)
             if isinstance(report, InvalidRecord):
                 await dead_letter(event, report.reason)
                 continue
+            aggregator.saw((event.message.topic, event.message.partition), report.received_at_us)
+            aggregator.report(report)
             key = primary_request_id(report) or report.report_id
             # keep the record time: the correlator compares it with the span streams' times
             await reports_by_request.send(key=key.encode(), value=event.value, timestamp=event.message.timestamp)
@@ -164,10 +213,9 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
                 topic = logical_of.get(event.message.topic, event.message.topic)
                 metrics.events_in.labels(topic).inc()
                 partition = event.message.partition
-                if topic != "reports-by-request":
-                    # Every record counts as read, also one that is dead-lettered below: otherwise
-                    # this partition never looks caught up and its silence fallback never fires.
-                    read_offsets[(topic.removesuffix("-spans"), partition)] = event.message.offset
+                # Every record counts as read, also one that is dead-lettered below: otherwise
+                # this partition never looks caught up and its silence fallback never fires.
+                progress(event, now)
                 record = decode_or_none(event, FaultReport if topic == "reports-by-request" else Span)
                 if isinstance(record, InvalidRecord):
                     await dead_letter(event, record.reason)
@@ -184,9 +232,14 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
                     key = event.key or record.report_id.encode()
                 state = touched[key][0] if key in touched else current_state(key)
                 if isinstance(record, Span):
+                    aggregator.saw((event.message.topic, partition), record.start_us)
+                    if state is None:
+                        aggregator.request(record)
                     state, changed = add_span(state, record, now, ts_ms)
                     if not changed:
                         metrics.duplicates.inc()
+                    else:
+                        count_failure(state, record)
                 else:
                     state, changed = add_report(state, record, key.decode(), now, ts_ms)
                 if changed:
@@ -195,6 +248,115 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
                 pending[key] = dump(state)
                 emitted.pop(key, None)  # back in the table until it is emitted again
                 file(key, state, partition)
+            if now - last_flush[0] >= SIGNAL_FLUSH_S:
+                flush_signals(now)
+
+    def count_failure(state: Pending, span: Span) -> None:
+        """Count a request as failed in each dimension once, at its first evidence there."""
+        new = count_new_failures(state.counted, failure_dimensions(span, catalog))
+        if new:
+            state.counted.extend(new)
+            aggregator.failure(span, new)
+
+    @app.timer(SIGNAL_FLUSH_S)
+    async def flush_idle() -> None:
+        """A worker without traffic still tells the detector that time goes on."""
+        now = time.time()
+        if now - last_flush[0] >= SIGNAL_FLUSH_S:
+            flush_signals(now)
+
+    @app.agent(signals)
+    async def detect(stream: faust.StreamT) -> None:
+        """Sum the workers' counts, detect surges, manage incidents (one partition: one instance)."""
+        async for batch in stream.take_events(BATCH, within=BATCH_WAIT_S):
+            engine = current_engine()
+            out = Outputs()
+            now = time.time()
+            for event in batch:
+                metrics.events_in.labels("incident-signals").inc()
+                progress(event, now)
+                try:
+                    signal = decode_signal(event.value or b"", settings.max_record_bytes)
+                except InvalidRecord as exc:
+                    await dead_letter(event, exc.reason)
+                    continue
+                if isinstance(signal, SignalCount):
+                    engine.on_count(signal)
+                elif isinstance(signal, SignalClock):
+                    out.extend(engine.on_clock(signal, now))
+                elif isinstance(signal, IncidentCommand):
+                    out.extend(engine.on_command(signal))
+            # the state first, the outputs second: both are buffered in order and flushed
+            # before the offsets are committed, so a crash repeats identical outputs at most
+            engine_table[ENGINE_KEY] = dump_engine(engine.state)
+            publish(out)
+
+    def current_engine() -> SurgeEngine:
+        if not engine_box:
+            stored = engine_table.get(ENGINE_KEY)
+            engine_box.append(SurgeEngine(engine_config, policy, catalog.team_of,
+                                          load_engine(stored) if stored is not None else None))
+            show_incidents(engine_box[0])
+        return engine_box[0]
+
+    @engine_table.on_recover
+    async def reload_engine() -> None:
+        engine_box.clear()  # rebuilt from the recovered table at the next batch
+        if engine_table.get(ENGINE_KEY) is not None:
+            engine = current_engine()
+            log.info("incidents: %d open after recovery", len(engine.book.open_incidents()))
+
+    def publish(out: Outputs) -> None:
+        for surge in out.surges:
+            surges_out.send_soon(key=f"{surge.dimension}={surge.value}".encode(), value=encode(surge))
+            metrics.events_out.labels("surges").inc()
+            if surge.phase == "end":
+                with_suppressed_keyerror(metrics.surge_score.remove, surge.dimension, surge.value)
+            else:
+                metrics.surge_score.labels(surge.dimension, surge.value).set(surge.score)
+                if surge.phase == "start":
+                    metrics.surges_started.labels(surge.dimension).inc()
+        for incident in out.incidents:
+            incidents_out.send_soon(key=incident.incident_id.encode(), value=encode(incident))
+            metrics.events_out.labels("incidents").inc()
+            metrics.incident_transitions.labels(incident.transition).inc()
+            log.warning("incident %s %s (%s, %s): %s", incident.incident_id, incident.transition,
+                        incident.severity, incident.root_key, incident.reason)
+        if out.incidents and engine_box:
+            show_incidents(engine_box[0])
+
+    shown: set[tuple[str, str, str, str]] = set()
+
+    def show_incidents(engine: SurgeEngine) -> None:
+        """Open incidents as gauges: the alert rules fire on them, and stop when they resolve."""
+        now_open = {(i.incident_id, i.severity, i.root_key, str(i.drill).lower()): i
+                    for i in engine.book.open_incidents()}
+        for labels in shown - set(now_open):
+            with_suppressed_keyerror(metrics.incident_open_started.remove, *labels)
+        for labels, incident in now_open.items():
+            metrics.incident_open_started.labels(*labels).set(incident.started_at_us / 1e6)
+        shown.clear()
+        shown.update(now_open)
+        counts: dict[tuple[str, str], int] = defaultdict(int)
+        for incident in now_open.values():
+            counts[(incident.severity, str(incident.drill).lower())] += 1
+        for severity in ("sev1", "sev2", "sev3", "sev4"):
+            for drill in ("false", "true"):
+                metrics.incidents_open.labels(severity, drill).set(counts.get((severity, drill), 0))
+
+    @app.timer(LAG_EVERY_S)
+    async def measure_lag() -> None:
+        lag: dict[str, int] = defaultdict(int)
+        for tp in app.consumer.assignment():
+            try:
+                high = app.consumer.highwater(tp)
+            except Exception:  # no fetch yet
+                continue
+            if high:
+                read = positions.get((tp.topic, tp.partition), -1)
+                lag[logical_of.get(tp.topic, tp.topic)] += max(0, high - read - 1)
+        for topic, records in lag.items():
+            metrics.consumer_lag.labels("worker", topic).set(records)
 
     def current_state(key: bytes) -> Pending | None:
         """What is known of a request: in the table while pending, in memory for a while after."""
@@ -270,11 +432,20 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, metrics: Me
     return app
 
 
-def run_worker(settings: Settings, catalog: Catalog, timing: Timing, loglevel: str = "info") -> None:
+def with_suppressed_keyerror(remove: Any, *labels: str) -> None:
+    try:
+        remove(*labels)
+    except KeyError:  # never set in this process (e.g. before a restart)
+        pass
+
+
+def run_worker(settings: Settings, catalog: Catalog, timing: Timing, policy: Policy, engine_config: EngineConfig,
+               loglevel: str = "info") -> None:
     """Run the worker until SIGINT/SIGTERM (blocking)."""
     from supportlens.topics import provision
 
     provision(settings)
-    app = create_app(settings, catalog, timing)
+    serve_metrics(settings, settings.worker_metrics_port, "worker")
+    app = create_app(settings, catalog, timing, policy, engine_config)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -166,14 +166,20 @@ def worker(
     catalog: Annotated[Optional[Path], typer.Option(help="Problem catalog (TOML); default: the bundled one.")] = None,
     loglevel: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
 ) -> None:
-    """Run the stream processors: correlate spans, diagnose fault reports."""
+    """Run the stream processors: correlate spans, diagnose fault reports, detect surges, manage incidents."""
     from streams.catalog import DEFAULT_PATH, load_catalog
     from streams.correlate import Timing
+    from streams.detect import EngineConfig
+    from streams.incidents import DEFAULT_POLICY_PATH, load_policy
+    from streams.surge import SurgeParams
     from streams.worker import run_worker
 
     settings: Settings = ctx.obj
     timing = Timing(settings.correlation_settle_s, settings.correlation_grace_s, settings.correlation_retain_s)
-    run_worker(settings, load_catalog(catalog or DEFAULT_PATH), timing, loglevel)
+    params = SurgeParams()
+    engine = EngineConfig(SurgeParams(warmup_buckets=settings.surge_warmup_s // params.bucket_s))
+    policy = load_policy(settings.incident_policy or DEFAULT_POLICY_PATH)
+    run_worker(settings, load_catalog(catalog or DEFAULT_PATH), timing, policy, engine, loglevel)
 
 
 @app.command()
@@ -298,6 +304,80 @@ def top(
         print(msgspec.json.encode(result).decode())
     else:
         console.print(top_table(result))
+
+
+@app.command()
+def incidents(
+    ctx: typer.Context,
+    all_: Annotated[bool, typer.Option("--all", help="Also incidents resolved long ago.")] = False,
+    since: Annotated[str, typer.Option(help="Resolved incidents of this window are shown too, e.g. 24h, 7d.")] = "24h",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Open incidents, and those resolved recently, with their latest transition and its reason."""
+    import time
+
+    from supportlens.incident_desk import current_incidents, read_incidents
+    from supportlens.store.lookup import parse_duration
+
+    horizon = int(time.time() * 1_000_000) - parse_duration(since) * 1_000_000
+    shown = [e for e in current_incidents(read_incidents(ctx.obj))
+             if all_ or e.transition != "resolved" or e.at_us >= horizon]
+    if as_json:
+        print(msgspec.json.encode(shown).decode())
+        return
+    table = Table("incident", "state", "severity", "started (UTC)", "what", "users", "teams", "latest reason",
+                  title=f"incidents: {sum(e.transition != 'resolved' for e in shown)} open")
+    for event in shown:
+        started = datetime.fromtimestamp(event.started_at_us / 1e6, tz=timezone.utc).strftime("%m-%d %H:%M:%S")
+        table.add_row(event.incident_id, event.transition + (" (drill)" if event.drill else ""), event.severity,
+                      started, f"{event.title}\n{event.root_key}", f"{event.affected_users:,}", ", ".join(event.teams),
+                      event.reason)
+    console.print(table)
+
+
+@app.command()
+def declare(
+    ctx: typer.Context,
+    title: Annotated[str, typer.Option(help="One line: what is wrong.")],
+    service: Annotated[Optional[str], typer.Option(help="The affected service.")] = None,
+    region: Annotated[Optional[str], typer.Option(help="The affected region.")] = None,
+    network: Annotated[Optional[str], typer.Option(help="The affected network (ISP).")] = None,
+    app_version: Annotated[Optional[str], typer.Option(help="The affected app version.")] = None,
+    platform: Annotated[Optional[str], typer.Option(help="The affected platform.")] = None,
+    severity: Annotated[Optional[str], typer.Option(help="sev1 … sev4 (default: by policy).")] = None,
+    by: Annotated[Optional[str], typer.Option(help="Who declares (default: your login name).")] = None,
+    reason: Annotated[str, typer.Option(help="Why, for the record.")] = "",
+) -> None:
+    """Declare an incident by hand; surges in its dimensions join it."""
+    import getpass
+    import time
+
+    from supportlens.incident_desk import declare as send_declaration
+
+    dimensions = {k: v for k, v in (("service", service), ("region", region), ("network", network),
+                                    ("app_version", app_version), ("platform", platform)) if v}
+    event = send_declaration(ctx.obj, title=title, dimensions=dimensions, by=by or getpass.getuser(),
+                             reason=reason or "declared by a person", severity=severity,
+                             now_us=int(time.time() * 1_000_000))
+    console.print(f"declared [bold]{event.incident_id}[/] ({event.severity}): {event.title}")
+
+
+@app.command()
+def resolve(
+    ctx: typer.Context,
+    incident_id: Annotated[str, typer.Argument(help="The incident, as `supportlens incidents` lists it.")],
+    by: Annotated[Optional[str], typer.Option(help="Who resolves (default: your login name).")] = None,
+    reason: Annotated[str, typer.Option(help="Why, for the record.")] = "",
+) -> None:
+    """Resolve an incident by hand; its end is announced like an automatic resolution."""
+    import getpass
+    import time
+
+    from supportlens.incident_desk import resolve as send_resolution
+
+    event = send_resolution(ctx.obj, incident_id, by=by or getpass.getuser(), reason=reason,
+                            now_us=int(time.time() * 1_000_000))
+    console.print(f"resolved [bold]{event.incident_id}[/]: {event.reason}")
 
 
 def _progress() -> Progress:

@@ -139,6 +139,20 @@ class Settings(BaseSettings):
     correlation_retain_s: float = Field(
         default=300.0, gt=0, description="How long an emitted request is kept to version late spans."
     )
+    metrics_host: str = Field(default="127.0.0.1", description="Address the worker and sink serve /metrics on.")
+    surge_warmup_s: int = Field(
+        default=900, ge=0, description="Event time the surge detector watches before any surge may start."
+    )
+    worker_metrics_port: int = Field(
+        default=8482, ge=0, le=65535, description="Port of the worker's Prometheus /metrics (0: not served)."
+    )
+    sink_metrics_port: int = Field(
+        default=8483, ge=0, le=65535,
+        description="Port of a standalone sink's Prometheus /metrics (0: not served); under serve, the API serves it.",
+    )
+    incident_policy: Path | None = Field(
+        default=None, description="Declaration policy (TOML); default: the bundled streams/incident_policy.toml."
+    )
     max_record_bytes: int = Field(
         default=1_048_576, ge=1024, description="Largest encoded record accepted on any topic."
     )

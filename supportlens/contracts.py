@@ -347,6 +347,68 @@ class DeliveryAttempt(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     schema_version: int = SCHEMA_VERSION
 
 
+DIMENSIONS: tuple[str, ...] = ("service", "diagnosis_class", "region", "network", "app_version", "platform")
+Dimension = Literal["service", "diagnosis_class", "region", "network", "app_version", "platform"]
+UserHashes = Annotated[list[int], Meta(max_length=1024)]
+
+
+class SignalCount(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True,
+                  tag="count", tag_field="kind"):
+    """A worker's partial count of failures in one dimension value and one time bucket, on
+    ``incident-signals``. The surge detector sums the partials of every worker. ``users`` and
+    ``active_users`` are the smallest user hashes seen (a K-minimum-values sketch), so merging
+    partials estimates distinct users with bounded memory."""
+
+    source: Id  # the worker instance that counted
+    dimension: Dimension
+    value: Name
+    bucket_start_us: TimestampUs
+    failed: Count = 0  # requests whose first failure evidence fell into this bucket
+    reports: Count = 0  # fault reports received in this bucket
+    requests: Count = 0  # all requests seen (client or entry server span), for the share of users
+    users: UserHashes = []  # affected users (failed or reporting)
+    active_users: UserHashes = []
+    drill: bool = False
+
+
+class SignalClock(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True,
+                  tag="clock", tag_field="kind"):
+    """How far (event time) a worker has counted: no later partial of ``source`` is for a bucket
+    that ended before ``watermark_us`` (a later one still counts, in the oldest open bucket)."""
+
+    source: Id
+    watermark_us: TimestampUs
+    sent_at_us: TimestampUs = 0  # wall time, for telling idle sources apart
+
+
+class IncidentCommand(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True,
+                      tag="command", tag_field="kind"):
+    """A person's decision (``supportlens declare`` / ``resolve``), applied by the incident manager."""
+
+    action: Literal["declare", "resolve"]
+    at_us: TimestampUs
+    by: Annotated[str, Meta(min_length=1, max_length=128)]
+    reason: Text = ""
+    incident_id: OptionalId = ""  # resolve: which one
+    title: Text = ""  # declare
+    dimensions: Dimensions = {}  # declare: what is affected
+    severity: Severity | None = None  # declare: default from the policy
+
+
+Signal = SignalCount | SignalClock | IncidentCommand
+_signal_decoder = msgspec.json.Decoder(Signal)
+
+
+def decode_signal(data: bytes, max_bytes: int = 1_048_576) -> Signal:
+    """Decode one record of ``incident-signals``; raises :class:`InvalidRecord` naming the field."""
+    if len(data) > max_bytes:
+        raise InvalidRecord("signal", f"record is {len(data):,} bytes, over the {max_bytes:,}-byte limit")
+    try:
+        return _signal_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise InvalidRecord("signal", explain(str(exc))) from None
+
+
 Record = (Span | FaultReport | BehaviourEvent | Account | CorrelatedRequest | DiagnosedReport | SurgeEvent
           | IncidentEvent | Notification | DeliveryAttempt)
 R = TypeVar("R", Span, FaultReport, BehaviourEvent, Account, CorrelatedRequest, DiagnosedReport, SurgeEvent,
@@ -372,7 +434,7 @@ _strict_decoders: dict[type, msgspec.json.Decoder[Any]] = {
 _raw_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
-def encode(record: Record) -> bytes:
+def encode(record: Record | Signal) -> bytes:
     """JSON bytes of a record (defaults omitted, so the wire stays small)."""
     return _encoder.encode(record)
 

@@ -43,6 +43,10 @@ class TopicSpec:
     compacted: bool = False
     join: Join | None = None
     purpose: str = ""
+    partitions: int | None = None  # None: the configured partition count
+
+    def partition_count(self, settings: Settings) -> int:
+        return self.partitions or settings.partitions
 
     def configs(self) -> dict[str, str]:
         return {
@@ -62,6 +66,11 @@ TOPICS: tuple[TopicSpec, ...] = (
         purpose="fault reports re-keyed by the request they name, to meet it in one worker",
     ),
     TopicSpec("reports-diagnosed", "report_id", 30 * DAY_MS, purpose="reports with diagnosis"),
+    TopicSpec(
+        "incident-signals", "source", 7 * DAY_MS, partitions=1,
+        purpose="partial failure counts, worker clocks and people's declare/resolve commands, "
+                "for the one surge detector and incident manager (one partition: one global view)",
+    ),
     TopicSpec("surges", "dimension", 30 * DAY_MS, purpose="surge start/update/end"),
     TopicSpec("incidents", "incident_id", 365 * DAY_MS, purpose="incident lifecycle events"),
     TopicSpec("accounts", "account_id", -1, compacted=True, purpose="customer accounts (latest per key)"),
@@ -147,7 +156,7 @@ def provision(
             [
                 NewTopic(
                     settings.topic(spec.name),
-                    num_partitions=settings.partitions,
+                    num_partitions=spec.partition_count(settings),
                     replication_factor=settings.replication_factor,
                     config=spec.configs(),
                 )
@@ -162,7 +171,8 @@ def provision(
                 error = exc.args[0]
                 if error.name() != "TOPIC_ALREADY_EXISTS":  # a concurrent provisioner won the race
                     raise UserError(f"Kafka refused to create topic {name}: {error.str()}") from None
-            changes.append(TopicChange(name, "created", f"{settings.partitions} partitions"))
+            spec = next(spec for spec in missing if settings.topic(spec.name) == name)
+            changes.append(TopicChange(name, "created", f"{spec.partition_count(settings)} partitions"))
         _wait_for_leaders(admin, [settings.topic(spec.name) for spec in missing], timeout)
         have = existing_partitions(admin)
 

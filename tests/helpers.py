@@ -27,6 +27,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """Environment that makes a subprocess resolve the same settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPPORTLENS_")}
     env.update(settings.as_env(), NO_COLOR="1", COLUMNS="200")
+    # no fixed /metrics ports: processes of parallel or restarted tests would fight over them
+    env.update(SUPPORTLENS_WORKER_METRICS_PORT="0", SUPPORTLENS_SINK_METRICS_PORT="0")
     return env
 
 

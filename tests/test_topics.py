@@ -31,7 +31,7 @@ def test_every_topic_is_created_with_its_partitions_and_policy(settings):
     admin = AdminClient(settings.kafka_config())
     metadata = admin.list_topics(timeout=10).topics
     for spec in TOPICS:
-        assert len(metadata[settings.topic(spec.name)].partitions) == settings.partitions
+        assert len(metadata[settings.topic(spec.name)].partitions) == spec.partition_count(settings)
     accounts = _configs(admin, settings.topic("accounts"))
     assert accounts["cleanup.policy"] == "compact"
     spans = _configs(admin, settings.topic("client-spans"))

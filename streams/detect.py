@@ -1,0 +1,248 @@
+"""The surge detector and incident manager as one state machine over ``incident-signals`` (pure).
+
+Workers send partial counts and clocks (:mod:`streams.signals`); people send commands.
+This engine sums the partials per dimension value and bucket, closes a bucket once every
+live worker's clock has passed its end (the *watermark*), feeds each closed bucket to the
+value's :class:`~streams.surge.SurgeDetector`, turns its readings into surge events, and
+hands those to the :class:`~streams.incidents.IncidentBook`, which declares, updates,
+escalates and resolves incidents.
+
+- A partial for a bucket that is already closed (a worker that lagged) counts in the
+  oldest open bucket: late, but never lost.
+- A worker whose clock has not moved for ``idle_source_s`` wall seconds (stopped, or
+  restarted under a new name) no longer holds the watermark back.
+- A dimension value seen for the first time is scored against an empty past as long as
+  the engine has watched (up to the detector's warm-up): a service that never failed
+  before has a baseline of zero, which is the truth, and the floor keeps it sane.
+
+The whole state is plain data (:class:`EngineState`), kept by the worker in a
+changelog-backed table, so a restarted worker continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass, field
+
+import msgspec
+
+from supportlens.contracts import IncidentCommand, IncidentEvent, SignalClock, SignalCount, SurgeEvent
+from streams.incidents import BookState, IncidentBook, Policy, TeamOf
+from streams.surge import DetectorState, DistinctSketch, Reading, SurgeDetector, SurgeParams
+
+
+class OpenBucket(msgspec.Struct, kw_only=True):
+    failed: int = 0
+    reports: int = 0
+    requests: int = 0
+    users: list[int] = []
+    active_users: list[int] = []
+
+
+class KeyState(msgspec.Struct, kw_only=True):
+    """One dimension value: its detector, its open buckets, the surge it is in."""
+
+    dimension: str
+    value: str
+    detector: DetectorState | None = None
+    open: dict[int, OpenBucket] = {}
+    surge_id: str = ""
+    surge_started_us: int = 0
+    surge_reports: int = 0
+    surge_failed: int = 0
+    surge_users: list[int] = []
+    surge_active_users: list[int] = []
+
+
+class SourceClock(msgspec.Struct):
+    watermark_us: int
+    seen_wall_s: float
+
+
+class EngineState(msgspec.Struct, kw_only=True):
+    keys: dict[str, KeyState] = {}
+    sources: dict[str, SourceClock] = {}
+    closed_until_us: int = 0  # every bucket before this is closed
+    started_us: int = 0
+    book: BookState = msgspec.field(default_factory=BookState)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    surge: SurgeParams = field(default_factory=SurgeParams)
+    idle_source_s: float = 30.0
+    sketch_k: int = 256
+
+
+@dataclass
+class Outputs:
+    surges: list[SurgeEvent] = field(default_factory=list)
+    incidents: list[IncidentEvent] = field(default_factory=list)
+
+    def extend(self, other: Outputs) -> None:
+        self.surges += other.surges
+        self.incidents += other.incidents
+
+
+class SurgeEngine:
+    def __init__(self, config: EngineConfig, policy: Policy, team_of: TeamOf,
+                 state: EngineState | None = None) -> None:
+        self.config = config
+        self.state = state or EngineState()
+        self.book = IncidentBook(policy, team_of, self.state.book)
+        self._bucket_us = config.surge.bucket_s * 1_000_000
+
+    # ---- inputs ---------------------------------------------------------------------------
+    def on_count(self, signal: SignalCount) -> None:
+        key = f"{signal.dimension}={signal.value}"
+        entry = self.state.keys.get(key)
+        if entry is None:
+            entry = self.state.keys[key] = KeyState(dimension=signal.dimension, value=signal.value)
+        bucket = max(signal.bucket_start_us, self.state.closed_until_us)  # late: the oldest open bucket
+        acc = entry.open.get(bucket)
+        if acc is None:
+            acc = entry.open[bucket] = OpenBucket()
+        acc.failed += signal.failed
+        acc.reports += signal.reports
+        acc.requests += signal.requests
+        acc.users = self._merge(acc.users, signal.users)
+        acc.active_users = self._merge(acc.active_users, signal.active_users)
+
+    def on_clock(self, signal: SignalClock, wall_s: float) -> Outputs:
+        known = self.state.sources.get(signal.source)
+        watermark = max(signal.watermark_us, known.watermark_us if known else 0)
+        self.state.sources[signal.source] = SourceClock(watermark, wall_s)
+        return self.advance(wall_s)
+
+    def on_command(self, command: IncidentCommand) -> Outputs:
+        return Outputs(incidents=self.book.on_command(command))
+
+    # ---- time ---------------------------------------------------------------------------------
+    def watermark(self, wall_s: float) -> int | None:
+        live = [c.watermark_us for c in self.state.sources.values() if wall_s - c.seen_wall_s <= self.config.idle_source_s]
+        return min(live) if live else None
+
+    def advance(self, wall_s: float) -> Outputs:
+        """Close every bucket that ended before the watermark; decide on what they show."""
+        watermark = self.watermark(wall_s)
+        out = Outputs()
+        if watermark is None:
+            return out
+        limit = watermark - watermark % self._bucket_us  # buckets starting before this have ended
+        state = self.state
+        if not state.started_us:
+            state.started_us = limit
+            state.closed_until_us = limit
+            # partials that arrived before the first clock belong to buckets before it: close them too
+            first = min((b for k in state.keys.values() for b in k.open), default=limit)
+            state.started_us = state.closed_until_us = min(limit, first)
+        if limit <= state.closed_until_us:
+            return out
+        surges: list[SurgeEvent] = []
+        for entry in state.keys.values():
+            surges += self._close(entry, limit)
+        state.closed_until_us = limit
+        surges.sort(key=lambda e: (e.at_us, e.phase != "start", e.dimension, e.value))
+        for at_us, group in itertools.groupby(surges, key=lambda e: e.at_us):
+            batch = list(group)
+            out.surges += batch
+            out.incidents += self.book.on_time(at_us)
+            out.incidents += self.book.on_surges(batch)
+        out.incidents += self.book.on_time(limit)
+        return out
+
+    # ---- one dimension value ------------------------------------------------------------------
+    def _close(self, entry: KeyState, limit: int) -> list[SurgeEvent]:
+        due = sorted(b for b in entry.open if b < limit)
+        surging = entry.detector is not None and entry.detector.surging
+        if not due and not surging:
+            return []  # nothing happened here: its detector catches up (zeros) when something does
+        detector = self._detector(entry, due[0] if due else limit - self._bucket_us)
+        events = []
+        for bucket in due or [limit - self._bucket_us]:
+            acc = entry.open.pop(bucket, OpenBucket())
+            for reading in detector.observe(bucket, acc.failed + acc.reports):
+                if reading.bucket_start_us == bucket:
+                    self._accumulate(entry, reading.phase, acc)
+                if reading.phase != "quiet":
+                    events.append(self._surge_event(entry, reading))
+        if surging and due and due[-1] < limit - self._bucket_us:
+            # a surging value that went silent: its quiet buckets are what ends the surge
+            for reading in detector.observe(limit - self._bucket_us, 0):
+                if reading.phase != "quiet":
+                    events.append(self._surge_event(entry, reading))
+        entry.detector = detector.state
+        return events
+
+    def _detector(self, entry: KeyState, first_bucket: int) -> SurgeDetector:
+        detector = SurgeDetector(self.config.surge, entry.detector)
+        if entry.detector is None:
+            # a value never seen before: score it against the empty past the engine has watched
+            warmup = self.config.surge.warmup_buckets * self._bucket_us
+            since = max(self.state.started_us, first_bucket - warmup)
+            if since < first_bucket:
+                detector.observe(since, 0)
+        return detector
+
+    def _accumulate(self, entry: KeyState, phase: str, acc: OpenBucket) -> None:
+        if phase == "start":
+            entry.surge_reports = entry.surge_failed = 0
+            entry.surge_users, entry.surge_active_users = [], []
+        if phase in ("start", "update", "end"):
+            entry.surge_reports += acc.reports
+            entry.surge_failed += acc.failed
+            entry.surge_users = self._merge(entry.surge_users, acc.users)
+            entry.surge_active_users = self._merge(entry.surge_active_users, acc.active_users)
+
+    def _surge_event(self, entry: KeyState, reading: Reading) -> SurgeEvent:
+        if reading.phase == "start":
+            entry.surge_id = "s-" + _digest(f"{entry.dimension}={entry.value}@{reading.bucket_start_us}")
+            entry.surge_started_us = reading.bucket_start_us
+        per_min = 60 / self.config.surge.bucket_s
+        return SurgeEvent(
+            surge_id=entry.surge_id,
+            phase=reading.phase,  # type: ignore[arg-type]
+            at_us=reading.bucket_start_us + self._bucket_us,
+            started_at_us=entry.surge_started_us,
+            dimension=entry.dimension,
+            value=entry.value,
+            score=round(min(1.0, max(0.0, reading.score)), 4),
+            rate_per_min=round(reading.count * per_min, 3),
+            baseline_per_min=round(reading.baseline * per_min, 3),
+            reports=entry.surge_reports,
+            failed_requests=entry.surge_failed,
+            affected_users=DistinctSketch(self.config.sketch_k, entry.surge_users).estimate(),
+            attributes=self._attributes(entry, reading),
+        )
+
+    def _attributes(self, entry: KeyState, reading: Reading) -> dict[str, int]:
+        attributes = {"active_users": DistinctSketch(self.config.sketch_k, entry.surge_active_users).estimate()}
+        if reading.phase == "end":
+            # the cool-down counts from the first quiet bucket, not from when the quiet run was long enough
+            quiet_s = self.config.surge.end_quiet_buckets * self.config.surge.bucket_s
+            attributes["quiet_since_us"] = reading.bucket_start_us + self._bucket_us - quiet_s * 1_000_000
+        return attributes
+
+    def _merge(self, a: list[int], b: list[int]) -> list[int]:
+        if not b:
+            return a
+        if not a:
+            return sorted(b)[: self.config.sketch_k]
+        return sorted(set(a) | set(b))[: self.config.sketch_k]
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(EngineState)
+
+
+def dump_engine(state: EngineState) -> bytes:
+    return _encoder.encode(state)
+
+
+def load_engine(data: bytes) -> EngineState:
+    return _decoder.decode(data)

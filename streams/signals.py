@@ -1,0 +1,185 @@
+"""Failure signals: what each worker counts per dimension value and time bucket (pure).
+
+The surge detector needs every worker's counts in one place, but reading every span
+there again would cost as much as correlating them. So each worker counts as spans and
+reports arrive and sends only partial counts — one :class:`SignalCount` per dimension
+value and bucket touched since its last flush — plus a :class:`SignalClock` saying how far
+in event time it has counted. The detector sums the partials.
+
+A request counts as failed in a dimension once, at its first failure evidence for that
+dimension, as the spans arrive — not after correlation, which may wait ``grace`` seconds
+for a side that never comes (a network outage has no server side at all), and would delay
+every declaration by as much:
+- a client span with status error: region, network, app version, platform, and a
+  provisional diagnosis class (HTTP 5xx → server_error, a catalogued 4xx → client_misuse,
+  a catalogued crash → client_crash with the app as the service, no HTTP status →
+  network_unreachable);
+- a server span that failed itself (5xx other than 502/504, which say that a dependency
+  failed): its service, server_error, and the region, app version and platform it carries.
+Fault reports count in region, network, app version and platform when they arrive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from supportlens.contracts import FaultReport, SignalClock, SignalCount, Span
+from streams.catalog import Catalog
+from streams.surge import DistinctSketch
+
+PROPAGATED_STATUSES = frozenset({502, 504})  # "my dependency failed": blame lies deeper
+OTHER = "(other)"
+
+
+def span_dimensions(span: Span) -> dict[str, str]:
+    """The dimensions every span of a request can tell (no service, no class)."""
+    dims = {"region": span.region, "app_version": span.app_version, "platform": span.platform}
+    if span.network is not None and span.network.isp:
+        dims["network"] = span.network.isp
+    return {d: v for d, v in dims.items() if v}
+
+
+def provisional_class(span: Span, catalog: Catalog) -> str:
+    """What a failed client span says on its own, before its request is correlated."""
+    http = span.http_status
+    if http is not None and http >= 500:
+        return "server_error"
+    entry = catalog.codes.get(span.error_code)
+    if entry is not None and entry.cls in ("client_misuse", "client_crash"):
+        return entry.cls
+    if http is not None and 400 <= http < 500:
+        return "unknown"
+    return "network_unreachable" if http is None else "unknown"
+
+
+def failure_dimensions(span: Span, catalog: Catalog) -> dict[str, str]:
+    """The dimension values in which this span is evidence of a failed request; empty when it is not."""
+    if span.status != "error":
+        return {}
+    dims = span_dimensions(span)
+    if span.side == "client":
+        cls = provisional_class(span, catalog)
+        dims["diagnosis_class"] = cls
+        if cls == "client_crash":
+            dims["service"] = span.service
+        return dims
+    if span.http_status in PROPAGATED_STATUSES:
+        dims["diagnosis_class"] = "server_error"
+        return dims
+    dims["diagnosis_class"] = "server_error"
+    dims["service"] = span.service
+    return dims
+
+
+def _bucket(ts_us: int, bucket_us: int) -> int:
+    return ts_us - ts_us % bucket_us
+
+
+@dataclass
+class _Cell:
+    failed: int = 0
+    reports: int = 0
+    requests: int = 0
+    users: DistinctSketch = field(default_factory=DistinctSketch)
+    active: DistinctSketch = field(default_factory=DistinctSketch)
+
+
+@dataclass
+class SignalAggregator:
+    """One worker's counts since its last flush. ``source`` names the worker instance."""
+
+    source: str
+    bucket_s: int = 10
+    max_values_per_dimension: int = 50
+    sketch_k: int = 256
+    lateness_s: float = 5.0
+    _cells: dict[tuple[str, str, int], _Cell] = field(default_factory=dict)
+    _values: dict[str, set[str]] = field(default_factory=dict)
+    _latest_us: dict[object, int] = field(default_factory=dict)  # event time per input partition
+    _last_latest_us: int = 0
+    _silent_since_us: int = 0  # wall time since which no input moved
+
+    @property
+    def bucket_us(self) -> int:
+        return self.bucket_s * 1_000_000
+
+    def _cell(self, dimension: str, value: str, ts_us: int) -> _Cell:
+        known = self._values.setdefault(dimension, set())
+        if value not in known:
+            # bounded cardinality: values beyond the limit share one line
+            if len(known) >= self.max_values_per_dimension:
+                value = OTHER
+            known.add(value)
+        key = (dimension, value, _bucket(ts_us, self.bucket_us))
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cells[key] = _Cell(users=DistinctSketch(self.sketch_k), active=DistinctSketch(self.sketch_k))
+        return cell
+
+    def saw(self, partition: object, ts_us: int) -> None:
+        """An input partition reached event time ``ts_us`` (any record, counted or not)."""
+        if ts_us > self._latest_us.get(partition, 0):
+            self._latest_us[partition] = ts_us
+
+    def request(self, span: Span) -> None:
+        """The first span of a request: it counts as traffic in the dimensions it tells."""
+        for dimension, value in span_dimensions(span).items():
+            cell = self._cell(dimension, value, span.start_us)
+            cell.requests += 1
+            if span.user_id:
+                cell.active.add(span.user_id)
+
+    def failure(self, span: Span, dimensions: dict[str, str]) -> None:
+        """A request's first failure evidence in ``dimensions`` (the caller dedupes per request)."""
+        for dimension, value in dimensions.items():
+            cell = self._cell(dimension, value, span.start_us)
+            cell.failed += 1
+            if span.user_id:
+                cell.users.add(span.user_id)
+
+    def report(self, report: FaultReport) -> None:
+        dims = {"region": report.region, "app_version": report.app_version, "platform": report.platform,
+                "network": report.network.isp if report.network is not None else ""}
+        for dimension, value in dims.items():
+            if not value:
+                continue
+            cell = self._cell(dimension, value, report.received_at_us)
+            cell.reports += 1
+            cell.users.add(report.user_id or report.client_ip)
+
+    def watermark(self, caught_up: Callable[[object], bool], now_us: int) -> int:
+        """Event time up to which this worker has counted: the slowest input partition that
+        still has records to read, else the latest record time seen. When no record came
+        for ``lateness_s`` (the end of a replay, a quiet night), time goes on without data:
+        the wall clock less ``lateness_s``, for records still on their way."""
+        behind = [ts for partition, ts in self._latest_us.items() if not caught_up(partition)]
+        if behind:
+            return min(behind)
+        latest = max(self._latest_us.values(), default=0)
+        if latest != self._last_latest_us:
+            self._last_latest_us, self._silent_since_us = latest, now_us
+        lateness_us = int(self.lateness_s * 1_000_000)
+        if latest and now_us - self._silent_since_us >= lateness_us:
+            return max(latest, now_us - lateness_us)
+        return latest
+
+    def flush(self, caught_up: Callable[[object], bool], now_us: int) -> list[SignalCount | SignalClock]:
+        """Every partial count since the last flush, then this worker's clock; clears the counts."""
+        out: list[SignalCount | SignalClock] = [
+            SignalCount(source=self.source, dimension=dimension, value=value,  # type: ignore[arg-type]
+                        bucket_start_us=bucket, failed=cell.failed, reports=cell.reports, requests=cell.requests,
+                        users=cell.users.hashes, active_users=cell.active.hashes)
+            for (dimension, value, bucket), cell in sorted(self._cells.items())
+        ]
+        self._cells.clear()
+        watermark = self.watermark(caught_up, now_us)
+        if watermark:
+            out.append(SignalClock(source=self.source, watermark_us=watermark, sent_at_us=now_us))
+        return out
+
+
+def count_new_failures(counted: Iterable[str], dimensions: dict[str, str]) -> dict[str, str]:
+    """The part of ``dimensions`` a request has not been counted in yet."""
+    done = set(counted)
+    return {d: v for d, v in dimensions.items() if d not in done}
