@@ -23,13 +23,20 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import msgspec
 
-from supportlens.contracts import IncidentCommand, IncidentEvent, SignalClock, SignalCount, SurgeEvent
+from supportlens.contracts import (
+    Account, IncidentCommand, IncidentEvent, MisuseCount, Notification, SignalClock, SignalCount, SurgeEvent,
+)
 from streams.incidents import BookState, IncidentBook, Policy, TeamOf
+from streams.notices import Notifier, NoticeState, vip_count
 from streams.surge import DetectorState, DistinctSketch, Reading, SurgeDetector, SurgeParams
+
+
+MAX_ACCOUNTS_PER_SURGE = 10_000
 
 
 class OpenBucket(msgspec.Struct, kw_only=True):
@@ -38,6 +45,7 @@ class OpenBucket(msgspec.Struct, kw_only=True):
     requests: int = 0
     users: list[int] = []
     active_users: list[int] = []
+    accounts: list[str] = []
 
 
 class KeyState(msgspec.Struct, kw_only=True):
@@ -45,6 +53,7 @@ class KeyState(msgspec.Struct, kw_only=True):
 
     dimension: str
     value: str
+    drill: bool = False
     detector: DetectorState | None = None
     open: dict[int, OpenBucket] = {}
     surge_id: str = ""
@@ -53,6 +62,8 @@ class KeyState(msgspec.Struct, kw_only=True):
     surge_failed: int = 0
     surge_users: list[int] = []
     surge_active_users: list[int] = []
+    surge_accounts: list[str] = []  # accounts with failures in the surge's active buckets
+    last_accounts: list[str] = []  # of the bucket before: a surge's first evidence may precede its start bucket
 
 
 class SourceClock(msgspec.Struct):
@@ -66,6 +77,8 @@ class EngineState(msgspec.Struct, kw_only=True):
     closed_until_us: int = 0  # every bucket before this is closed
     started_us: int = 0
     book: BookState = msgspec.field(default_factory=BookState)
+    notices: NoticeState = msgspec.field(default_factory=NoticeState)
+    latest: dict[str, IncidentEvent] = {}  # the latest transition of each open incident
 
 
 @dataclass(frozen=True)
@@ -79,26 +92,34 @@ class EngineConfig:
 class Outputs:
     surges: list[SurgeEvent] = field(default_factory=list)
     incidents: list[IncidentEvent] = field(default_factory=list)
+    notifications: list[Notification] = field(default_factory=list)
 
     def extend(self, other: Outputs) -> None:
         self.surges += other.surges
         self.incidents += other.incidents
+        self.notifications += other.notifications
 
 
 class SurgeEngine:
-    def __init__(self, config: EngineConfig, policy: Policy, team_of: TeamOf,
-                 state: EngineState | None = None) -> None:
+    def __init__(self, config: EngineConfig, policy: Policy, team_of: TeamOf, state: EngineState | None = None,
+                 notifier: Notifier | None = None, accounts: Mapping[str, Account] | None = None) -> None:
+        """``notifier`` writes customer notices (none without it); ``accounts`` is read, never
+        copied, so a cache that fills it in the background is seen as it grows."""
         self.config = config
         self.state = state or EngineState()
         self.book = IncidentBook(policy, team_of, self.state.book)
+        self.notifier = notifier
+        if notifier is not None:
+            notifier.state = self.state.notices
+        self.accounts: Mapping[str, Account] = accounts if accounts is not None else {}
         self._bucket_us = config.surge.bucket_s * 1_000_000
 
     # ---- inputs ---------------------------------------------------------------------------
     def on_count(self, signal: SignalCount) -> None:
-        key = f"{signal.dimension}={signal.value}"
+        key = _key(signal.dimension, signal.value, signal.drill)
         entry = self.state.keys.get(key)
         if entry is None:
-            entry = self.state.keys[key] = KeyState(dimension=signal.dimension, value=signal.value)
+            entry = self.state.keys[key] = KeyState(dimension=signal.dimension, value=signal.value, drill=signal.drill)
         bucket = max(signal.bucket_start_us, self.state.closed_until_us)  # late: the oldest open bucket
         acc = entry.open.get(bucket)
         if acc is None:
@@ -108,6 +129,14 @@ class SurgeEngine:
         acc.requests += signal.requests
         acc.users = self._merge(acc.users, signal.users)
         acc.active_users = self._merge(acc.active_users, signal.active_users)
+        if signal.accounts:
+            acc.accounts = sorted(set(acc.accounts) | set(signal.accounts))
+
+    def on_misuse(self, signal: MisuseCount) -> Outputs:
+        if self.notifier is None:
+            return Outputs()
+        return Outputs(notifications=self.notifier.for_misuse(signal.account_id, signal.code, signal.count,
+                                                              signal.at_us, self.accounts, signal.drill))
 
     def on_clock(self, signal: SignalClock, wall_s: float) -> Outputs:
         known = self.state.sources.get(signal.source)
@@ -116,7 +145,7 @@ class SurgeEngine:
         return self.advance(wall_s)
 
     def on_command(self, command: IncidentCommand) -> Outputs:
-        return Outputs(incidents=self.book.on_command(command))
+        return self._with_notices(Outputs(incidents=self.book.on_command(command)))
 
     # ---- time ---------------------------------------------------------------------------------
     def watermark(self, wall_s: float) -> int | None:
@@ -150,6 +179,43 @@ class SurgeEngine:
             out.incidents += self.book.on_time(at_us)
             out.incidents += self.book.on_surges(batch)
         out.incidents += self.book.on_time(limit)
+        return self._with_notices(out)
+
+    # ---- customers ------------------------------------------------------------------------------
+    def affected_accounts(self, incident_id: str) -> list[str]:
+        """Accounts seen failing in the incident's root dimension value while it surged (the root
+        is the most specific explanation: its failures are the incident's; a region that also
+        surges holds other failures too)."""
+        event = self.state.latest.get(incident_id)
+        if event is None or "=" not in event.root_key:
+            return []
+        dimension, value = event.root_key.split("=", 1)
+        entry = self.state.keys.get(_key(dimension, value, event.drill))
+        return list(entry.surge_accounts) if entry is not None else []
+
+    def _with_notices(self, out: Outputs) -> Outputs:
+        """Count the affected accounts into each incident event, and write the notices it calls for:
+        on its transitions, and for accounts newly affected while it is open."""
+        annotated = []
+        for event in out.incidents:
+            self.state.latest[event.incident_id] = event
+            affected = self.affected_accounts(event.incident_id)
+            total, vips = vip_count(affected, self.accounts)
+            event = msgspec.structs.replace(event, attributes={**event.attributes, "affected_accounts": total,
+                                                               "affected_vip_accounts": vips})
+            annotated.append(event)
+            if self.notifier is not None:
+                out.notifications += self.notifier.for_incident(event, affected, self.accounts)
+            if event.transition == "resolved":
+                del self.state.latest[event.incident_id]
+        out.incidents = annotated
+        if self.notifier is not None:
+            told = {n.notification_id for n in out.notifications}
+            for incident in self.book.open_incidents():
+                event = self.state.latest.get(incident.incident_id)
+                if event is not None and incident.state == "declared":
+                    more = self.notifier.for_incident(event, self.affected_accounts(incident.incident_id), self.accounts)
+                    out.notifications += [n for n in more if n.notification_id not in told]
         return out
 
     # ---- one dimension value ------------------------------------------------------------------
@@ -164,7 +230,7 @@ class SurgeEngine:
             acc = entry.open.pop(bucket, OpenBucket())
             for reading in detector.observe(bucket, acc.failed + acc.reports):
                 if reading.bucket_start_us == bucket:
-                    self._accumulate(entry, reading.phase, acc)
+                    self._accumulate(entry, reading, acc)
                 if reading.phase != "quiet":
                     events.append(self._surge_event(entry, reading))
         if surging and due and due[-1] < limit - self._bucket_us:
@@ -185,15 +251,22 @@ class SurgeEngine:
                 detector.observe(since, 0)
         return detector
 
-    def _accumulate(self, entry: KeyState, phase: str, acc: OpenBucket) -> None:
+    def _accumulate(self, entry: KeyState, reading: Reading, acc: OpenBucket) -> None:
+        phase = reading.phase
         if phase == "start":
             entry.surge_reports = entry.surge_failed = 0
             entry.surge_users, entry.surge_active_users = [], []
+            entry.surge_accounts = list(entry.last_accounts)
         if phase in ("start", "update", "end"):
             entry.surge_reports += acc.reports
             entry.surge_failed += acc.failed
             entry.surge_users = self._merge(entry.surge_users, acc.users)
             entry.surge_active_users = self._merge(entry.surge_active_users, acc.active_users)
+            if reading.score >= self.config.surge.end_score and len(entry.surge_accounts) < MAX_ACCOUNTS_PER_SURGE:
+                # only buckets still above the quiet line: the tail of quiet buckets that ends a
+                # surge holds the background noise, not the outage's victims
+                entry.surge_accounts = sorted(set(entry.surge_accounts) | set(acc.accounts))
+        entry.last_accounts = acc.accounts
 
     def _surge_event(self, entry: KeyState, reading: Reading) -> SurgeEvent:
         if reading.phase == "start":
@@ -213,6 +286,7 @@ class SurgeEngine:
             reports=entry.surge_reports,
             failed_requests=entry.surge_failed,
             affected_users=DistinctSketch(self.config.sketch_k, entry.surge_users).estimate(),
+            drill=entry.drill,
             attributes=self._attributes(entry, reading),
         )
 
@@ -230,6 +304,10 @@ class SurgeEngine:
         if not a:
             return sorted(b)[: self.config.sketch_k]
         return sorted(set(a) | set(b))[: self.config.sketch_k]
+
+
+def _key(dimension: str, value: str, drill: bool) -> str:
+    return f"{'drill:' if drill else ''}{dimension}={value}"
 
 
 def _digest(text: str) -> str:

@@ -210,7 +210,8 @@ class IncidentBook:
             # ``now``: after a quiet stretch the watermark may jump far ahead in one step
             unresolved_at = incident.started_at_us + rules.declare.unresolved_after_s * 1_000_000
             if incident.state == "candidate":
-                if self._active(incident) and now >= unresolved_at:
+                # the floor holds for this rule too: a handful of users is a support case, however long
+                if self._active(incident) and now >= unresolved_at and _users(incident) >= rules.declare.floor_users:
                     out.append(self._declare(incident, self._at(incident, unresolved_at), f"a surge is still unresolved "
                                              f"after {rules.declare.unresolved_after_s // 60} minutes", "policy"))
             elif incident.state == "declared" and not incident.escalated and now >= unresolved_at \
@@ -276,12 +277,14 @@ class IncidentBook:
         window_us = self.policy.merge.window_s * 1_000_000
         live = [i for i in self.state.incidents if i.state != "resolved"]
         for incident in live:
-            if incident.manual_dimensions.get(event.dimension) == event.value:
+            if incident.manual_dimensions.get(event.dimension) == event.value and incident.drill == event.drill:
                 return incident
-        near = [i for i in live if not i.manual_dimensions and event.at_us - i.last_activity_us <= window_us]
+        # drills never merge with real incidents: a role-play must not touch the real one
+        near = [i for i in live if not i.manual_dimensions and i.drill == event.drill
+                and event.at_us - i.last_activity_us <= window_us]
         if near:
             return max(near, key=lambda i: i.last_activity_us)
-        digest = _digest(f"{event.dimension}={event.value}:{event.started_at_us}")
+        digest = _digest(f"{'drill:' if event.drill else ''}{event.dimension}={event.value}:{event.started_at_us}")
         incident = Incident(incident_id=f"inc-{digest}", started_at_us=event.started_at_us,
                             last_activity_us=event.at_us, drill=event.drill)
         self.state.incidents.append(incident)

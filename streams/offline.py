@@ -13,10 +13,11 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from supportlens.contracts import FaultReport, Record, Span
+from supportlens.contracts import Account, FaultReport, MisuseCount, Record, SignalClock, SignalCount, Span
 from streams.catalog import Catalog
 from streams.detect import EngineConfig, Outputs, SurgeEngine
 from streams.incidents import Policy
+from streams.notices import Notifier
 from streams.signals import SignalAggregator, count_new_failures, failure_dimensions
 
 SECOND_US = 1_000_000
@@ -47,22 +48,32 @@ class RequestCounter:
 
 
 def replay(records: Iterable[tuple[int, Record]], catalog: Catalog, policy: Policy,
-           config: EngineConfig = EngineConfig()) -> Outputs:
-    """Feed ``(event time µs, record)`` pairs, in time order, through counting and the engine."""
+           config: EngineConfig = EngineConfig(), notifier: Notifier | None = None,
+           engine: SurgeEngine | None = None) -> Outputs:
+    """Feed ``(event time µs, record)`` pairs, in time order, through counting and the engine.
+
+    Account records fill the engine's accounts. Pass ``engine`` to continue one across calls
+    (one run a day for a simulated week)."""
     aggregator = SignalAggregator(source="offline", bucket_s=config.surge.bucket_s, sketch_k=config.sketch_k)
     counter = RequestCounter(aggregator, catalog)
-    engine = SurgeEngine(config, policy, catalog.team_of)
+    accounts: dict[str, Account] = {}
+    if engine is None:
+        engine = SurgeEngine(config, policy, catalog.team_of, notifier=notifier, accounts=accounts)
+    else:
+        accounts = engine.accounts  # type: ignore[assignment]
     out = Outputs()
     next_flush = None
     always_behind = lambda _partition: False  # noqa: E731 - one input, read in order
 
     def flush(now_us: int) -> None:
         for signal in aggregator.flush(always_behind, now_us):
-            if hasattr(signal, "watermark_us"):
+            if isinstance(signal, SignalClock):
                 # the simulated second is the wall clock of an offline run: no source ever idles
-                out.extend(engine.on_clock(signal, now_us / SECOND_US))  # type: ignore[arg-type]
-            else:
-                engine.on_count(signal)  # type: ignore[arg-type]
+                out.extend(engine.on_clock(signal, now_us / SECOND_US))
+            elif isinstance(signal, SignalCount):
+                engine.on_count(signal)
+            elif isinstance(signal, MisuseCount):
+                out.extend(engine.on_misuse(signal))
 
     for ts_us, record in records:
         if next_flush is None:
@@ -70,6 +81,9 @@ def replay(records: Iterable[tuple[int, Record]], catalog: Catalog, policy: Poli
         while ts_us >= next_flush:
             flush(next_flush)
             next_flush += SECOND_US
+        if isinstance(record, Account):
+            accounts[record.account_id] = record
+            continue
         aggregator.saw("in", ts_us)
         if isinstance(record, Span):
             counter.span(record)

@@ -24,12 +24,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from supportlens.contracts import FaultReport, SignalClock, SignalCount, Span
+from supportlens.contracts import FaultReport, MisuseCount, SignalClock, SignalCount, Span, is_drill
 from streams.catalog import Catalog
 from streams.surge import DistinctSketch
 
 PROPAGATED_STATUSES = frozenset({502, 504})  # "my dependency failed": blame lies deeper
 OTHER = "(other)"
+MAX_ACCOUNTS_PER_CELL = 1000
 
 
 def span_dimensions(span: Span) -> dict[str, str]:
@@ -83,6 +84,7 @@ class _Cell:
     requests: int = 0
     users: DistinctSketch = field(default_factory=DistinctSketch)
     active: DistinctSketch = field(default_factory=DistinctSketch)
+    accounts: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -94,7 +96,8 @@ class SignalAggregator:
     max_values_per_dimension: int = 50
     sketch_k: int = 256
     lateness_s: float = 5.0
-    _cells: dict[tuple[str, str, int], _Cell] = field(default_factory=dict)
+    _cells: dict[tuple[bool, str, str, int], _Cell] = field(default_factory=dict)
+    _misuse: dict[tuple[bool, str, str], tuple[int, int]] = field(default_factory=dict)  # → (count, latest µs)
     _values: dict[str, set[str]] = field(default_factory=dict)
     _latest_us: dict[object, int] = field(default_factory=dict)  # event time per input partition
     _last_latest_us: int = 0
@@ -104,14 +107,14 @@ class SignalAggregator:
     def bucket_us(self) -> int:
         return self.bucket_s * 1_000_000
 
-    def _cell(self, dimension: str, value: str, ts_us: int) -> _Cell:
+    def _cell(self, dimension: str, value: str, ts_us: int, drill: bool) -> _Cell:
         known = self._values.setdefault(dimension, set())
         if value not in known:
             # bounded cardinality: values beyond the limit share one line
             if len(known) >= self.max_values_per_dimension:
                 value = OTHER
             known.add(value)
-        key = (dimension, value, _bucket(ts_us, self.bucket_us))
+        key = (drill, dimension, value, _bucket(ts_us, self.bucket_us))
         cell = self._cells.get(key)
         if cell is None:
             cell = self._cells[key] = _Cell(users=DistinctSketch(self.sketch_k), active=DistinctSketch(self.sketch_k))
@@ -124,29 +127,40 @@ class SignalAggregator:
 
     def request(self, span: Span) -> None:
         """The first span of a request: it counts as traffic in the dimensions it tells."""
+        drill = is_drill(span.attributes)
         for dimension, value in span_dimensions(span).items():
-            cell = self._cell(dimension, value, span.start_us)
+            cell = self._cell(dimension, value, span.start_us, drill)
             cell.requests += 1
             if span.user_id:
                 cell.active.add(span.user_id)
 
     def failure(self, span: Span, dimensions: dict[str, str]) -> None:
         """A request's first failure evidence in ``dimensions`` (the caller dedupes per request)."""
+        drill = is_drill(span.attributes)
         for dimension, value in dimensions.items():
-            cell = self._cell(dimension, value, span.start_us)
+            cell = self._cell(dimension, value, span.start_us, drill)
             cell.failed += 1
             if span.user_id:
                 cell.users.add(span.user_id)
+            if span.account_id and len(cell.accounts) < MAX_ACCOUNTS_PER_CELL:
+                cell.accounts.add(span.account_id)
+        if dimensions.get("diagnosis_class") == "client_misuse" and span.account_id and span.error_code:
+            key = (drill, span.account_id, span.error_code)
+            count, latest = self._misuse.get(key, (0, 0))
+            self._misuse[key] = (count + 1, max(latest, span.start_us))
 
     def report(self, report: FaultReport) -> None:
         dims = {"region": report.region, "app_version": report.app_version, "platform": report.platform,
                 "network": report.network.isp if report.network is not None else ""}
+        drill = is_drill(report.attributes)
         for dimension, value in dims.items():
             if not value:
                 continue
-            cell = self._cell(dimension, value, report.received_at_us)
+            cell = self._cell(dimension, value, report.received_at_us, drill)
             cell.reports += 1
             cell.users.add(report.user_id or report.client_ip)
+            if report.account_id and len(cell.accounts) < MAX_ACCOUNTS_PER_CELL:
+                cell.accounts.add(report.account_id)
 
     def watermark(self, caught_up: Callable[[object], bool], now_us: int) -> int:
         """Event time up to which this worker has counted: the slowest input partition that
@@ -164,15 +178,20 @@ class SignalAggregator:
             return max(latest, now_us - lateness_us)
         return latest
 
-    def flush(self, caught_up: Callable[[object], bool], now_us: int) -> list[SignalCount | SignalClock]:
+    def flush(self, caught_up: Callable[[object], bool],
+              now_us: int) -> list[SignalCount | MisuseCount | SignalClock]:
         """Every partial count since the last flush, then this worker's clock; clears the counts."""
-        out: list[SignalCount | SignalClock] = [
+        out: list[SignalCount | MisuseCount | SignalClock] = [
             SignalCount(source=self.source, dimension=dimension, value=value,  # type: ignore[arg-type]
                         bucket_start_us=bucket, failed=cell.failed, reports=cell.reports, requests=cell.requests,
-                        users=cell.users.hashes, active_users=cell.active.hashes)
-            for (dimension, value, bucket), cell in sorted(self._cells.items())
+                        users=cell.users.hashes, active_users=cell.active.hashes, accounts=sorted(cell.accounts),
+                        drill=drill)
+            for (drill, dimension, value, bucket), cell in sorted(self._cells.items())
         ]
+        out += [MisuseCount(source=self.source, account_id=account, code=code, at_us=latest, count=count, drill=drill)
+                for (drill, account, code), (count, latest) in sorted(self._misuse.items())]
         self._cells.clear()
+        self._misuse.clear()
         watermark = self.watermark(caught_up, now_us)
         if watermark:
             out.append(SignalClock(source=self.source, watermark_us=watermark, sent_at_us=now_us))

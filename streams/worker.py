@@ -39,12 +39,15 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from supportlens.config import Settings
 from supportlens.contracts import (
-    FaultReport, IncidentCommand, InvalidRecord, SignalClock, SignalCount, Span, decode, decode_signal, encode,
+    FaultReport, IncidentCommand, InvalidRecord, MisuseCount, SignalClock, SignalCount, Span, decode, decode_signal,
+    encode, is_drill,
 )
-from supportlens.metrics import Metrics, serve_metrics
+from supportlens.metrics import Metrics, process_metrics, serve_metrics
 from streams.catalog import Catalog
 from streams.detect import EngineConfig, Outputs, SurgeEngine, dump_engine, load_engine
+from streams.accounts_cache import AccountsCache
 from streams.incidents import Policy
+from streams.notices import Notifier
 from streams.signals import SignalAggregator, count_new_failures, failure_dimensions
 from streams.correlate import (
     Pending,
@@ -74,9 +77,9 @@ ENGINE_KEY = b"engine"
 
 
 def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Policy, engine_config: EngineConfig,
-               metrics: Metrics | None = None) -> faust.App:
+               notifier: Notifier | None = None, metrics: Metrics | None = None) -> faust.App:
     """A Faust app wired to ``settings``; nothing runs until a worker starts it."""
-    metrics = metrics or Metrics()
+    metrics = metrics or process_metrics()
     app = faust.App(
         f"{settings.topic_prefix}worker",
         broker=f"kafka://{settings.kafka_bootstrap}",
@@ -100,7 +103,7 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
     raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     name = {logical: settings.topic(logical) for logical in (
         "client-spans", "server-spans", "fault-reports", "reports-by-request", "requests", "reports-diagnosed", "dlq",
-        "incident-signals", "surges", "incidents")}
+        "incident-signals", "surges", "incidents", "notifications")}
     logical_of = {full: logical for logical, full in name.items()}
     joined = app.topic(name["client-spans"], name["server-spans"], name["reports-by-request"], **raw)
     reports_in = app.topic(name["fault-reports"], **raw)
@@ -111,6 +114,8 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
     signals = app.topic(name["incident-signals"], partitions=1, **raw)
     surges_out = app.topic(name["surges"], **raw)
     incidents_out = app.topic(name["incidents"], **raw)
+    notifications_out = app.topic(name["notifications"], **raw)
+    accounts_box: list[AccountsCache] = []  # read only by the worker that owns incident-signals
     # one partition, like its source: the surge detector and incident manager see everything
     engine_table = app.Table("incident_engine", partitions=1, use_partitioner=True, key_type=bytes, value_type=bytes)
     source = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -284,6 +289,8 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
                     engine.on_count(signal)
                 elif isinstance(signal, SignalClock):
                     out.extend(engine.on_clock(signal, now))
+                elif isinstance(signal, MisuseCount):
+                    out.extend(engine.on_misuse(signal))
                 elif isinstance(signal, IncidentCommand):
                     out.extend(engine.on_command(signal))
             # the state first, the outputs second: both are buffered in order and flushed
@@ -294,8 +301,11 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
     def current_engine() -> SurgeEngine:
         if not engine_box:
             stored = engine_table.get(ENGINE_KEY)
+            if not accounts_box:
+                accounts_box.append(AccountsCache(settings).start())
             engine_box.append(SurgeEngine(engine_config, policy, catalog.team_of,
-                                          load_engine(stored) if stored is not None else None))
+                                          load_engine(stored) if stored is not None else None,
+                                          notifier=notifier, accounts=accounts_box[0].accounts))
             show_incidents(engine_box[0])
         return engine_box[0]
 
@@ -322,6 +332,11 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
             metrics.incident_transitions.labels(incident.transition).inc()
             log.warning("incident %s %s (%s, %s): %s", incident.incident_id, incident.transition,
                         incident.severity, incident.root_key, incident.reason)
+        for notification in out.notifications:
+            notifications_out.send_soon(key=notification.account_id.encode(), value=encode(notification))
+            metrics.events_out.labels("notifications").inc()
+            log.info("notification %s (%s) to account %s%s", notification.notification_id, notification.kind,
+                     notification.account_id, " [drill]" if notification.drill else "")
         if out.incidents and engine_box:
             show_incidents(engine_box[0])
 
@@ -416,7 +431,8 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
 
     def act(key: bytes, state: Pending, now: float) -> None:
         """Send the request if it knows more than what was sent, and answer waiting reports."""
-        request = build_request(key.decode(), state, catalog) if state.spans else None
+        drill = any(is_drill(span.attributes) for span in state.spans)
+        request = build_request(key.decode(), state, catalog, drill) if state.spans else None
         if request is not None and len(state.spans) > state.emitted_version:
             # send_soon: Faust's producer buffer, FIFO with the table's changelog writes and
             # flushed before any offset commit, so the request precedes its deletion.
@@ -424,7 +440,7 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
             metrics.events_out.labels("requests").inc()
             metrics.emit_delay.observe(now - state.first_seen_s)
         for report in state.reports:
-            diagnosed = diagnose_report(report, request, catalog, int(now * 1_000_000))
+            diagnosed = diagnose_report(report, request, catalog, int(now * 1_000_000), is_drill(report.attributes))
             diagnosed_out.send_soon(key=report.report_id.encode(), value=encode(diagnosed))
             metrics.events_out.labels("reports-diagnosed").inc()
         mark_emitted(state, now)
@@ -440,12 +456,12 @@ def with_suppressed_keyerror(remove: Any, *labels: str) -> None:
 
 
 def run_worker(settings: Settings, catalog: Catalog, timing: Timing, policy: Policy, engine_config: EngineConfig,
-               loglevel: str = "info") -> None:
+               notifier: Notifier | None = None, loglevel: str = "info") -> None:
     """Run the worker until SIGINT/SIGTERM (blocking)."""
     from supportlens.topics import provision
 
     provision(settings)
     serve_metrics(settings, settings.worker_metrics_port, "worker")
-    app = create_app(settings, catalog, timing, policy, engine_config)
+    app = create_app(settings, catalog, timing, policy, engine_config, notifier)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()

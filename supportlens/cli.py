@@ -28,6 +28,9 @@ topics_app = typer.Typer(help="Kafka topics of the pipeline.", no_args_is_help=T
 app.add_typer(topics_app, name="topics")
 db_app = typer.Typer(help="The ClickHouse store: tables and their migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+dashboards_app = typer.Typer(help="Grafana dashboards as code: build their JSON, push them to Grafana.",
+                             no_args_is_help=True)
+app.add_typer(dashboards_app, name="dashboards")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -171,6 +174,7 @@ def worker(
     from streams.correlate import Timing
     from streams.detect import EngineConfig
     from streams.incidents import DEFAULT_POLICY_PATH, load_policy
+    from streams.notices import Notifier, load_templates
     from streams.surge import SurgeParams
     from streams.worker import run_worker
 
@@ -179,7 +183,9 @@ def worker(
     params = SurgeParams()
     engine = EngineConfig(SurgeParams(warmup_buckets=settings.surge_warmup_s // params.bucket_s))
     policy = load_policy(settings.incident_policy or DEFAULT_POLICY_PATH)
-    run_worker(settings, load_catalog(catalog or DEFAULT_PATH), timing, policy, engine, loglevel)
+    problems = load_catalog(catalog or DEFAULT_PATH)
+    notifier = Notifier(load_templates(), problems, settings.status_page_url)
+    run_worker(settings, problems, timing, policy, engine, notifier, loglevel)
 
 
 @app.command()
@@ -199,6 +205,17 @@ def sink(
     from supportlens.serve import run_sink_process
 
     run_sink_process(ctx.obj, loglevel)
+
+
+@app.command()
+def notify(
+    ctx: typer.Context,
+    loglevel: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
+) -> None:
+    """Deliver customer notifications (signed webhook or e-mail, with retries) until SIGINT/SIGTERM."""
+    from sinks.notifications import run_notify
+
+    run_notify(ctx.obj, loglevel)
 
 
 @app.command()
@@ -240,6 +257,43 @@ def db_status(
         print(msgspec.json.encode(counts).decode())
     else:
         console.print(counts_table(counts, settings.clickhouse_database))
+
+
+@dashboards_app.command("build")
+def dashboards_build(
+    out: Annotated[Optional[Path], typer.Option(help="Where the JSON goes (default: dashboards/json).")] = None,
+) -> None:
+    """Write every dashboard's JSON (sorted, so a change reads as a small diff)."""
+    from dashboards.build import JSON_DIR, all_dashboards, write
+
+    target = out or JSON_DIR
+    changed = write(target)
+    console.print(f"{len(all_dashboards())} dashboards in {target}: "
+                  + (", ".join(path.name for path in changed) or "up to date"))
+
+
+@dashboards_app.command("push")
+def dashboards_push(
+    ctx: typer.Context,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Write everything again, also what looks unchanged "
+        "(Grafana never shows a stored password, so a new one alone is not seen).")] = False,
+) -> None:
+    """Create or update the folder, the ClickHouse and Prometheus datasources and every dashboard in Grafana."""
+    from collections import Counter
+
+    from dashboards.build import all_dashboards
+    from dashboards.provision import push
+    from supportlens.config import redact_dsn
+
+    settings: Settings = ctx.obj
+    changes = push(settings, all_dashboards(), force=force)
+    table = Table("kind", "uid", "title", "action", title=f"Grafana at {redact_dsn(settings.grafana_url)}")
+    for change in changes:
+        table.add_row(change.kind, change.uid, change.title, change.action)
+    console.print(table)
+    counts = Counter(change.action for change in changes)
+    console.print(", ".join(f"{counts[a]} {a}" for a in ("created", "updated", "unchanged")))
 
 
 @app.command()

@@ -150,11 +150,71 @@ class Settings(BaseSettings):
         default=8483, ge=0, le=65535,
         description="Port of a standalone sink's Prometheus /metrics (0: not served); under serve, the API serves it.",
     )
+    status_page_url: str = Field(
+        default="", description="Where customers follow an incident (named in VIP notifications)."
+    )
     incident_policy: Path | None = Field(
         default=None, description="Declaration policy (TOML); default: the bundled streams/incident_policy.toml."
     )
     max_record_bytes: int = Field(
         default=1_048_576, ge=1024, description="Largest encoded record accepted on any topic."
+    )
+    grafana_url: str = Field(
+        default="http://127.0.0.1:3000", description="Grafana that `supportlens dashboards push` provisions."
+    )
+    grafana_token: SecretStr | None = Field(
+        default=None, description="Grafana service account token (role Admin: it writes datasources); "
+        "from the environment or a secrets file only.",
+    )
+    grafana_user: str = Field(default="", description="Grafana user for basic auth, used when no token is set.")
+    grafana_password: SecretStr | None = Field(
+        default=None, description="Password of grafana_user; from the environment or a secrets file only."
+    )
+    grafana_clickhouse_dsn: str = Field(
+        default="", description="ClickHouse as Grafana reaches it (http(s)://user:pass@host:port); "
+        "default: clickhouse_dsn when that is a server.",
+    )
+    grafana_prometheus_url: str = Field(
+        default="http://127.0.0.1:9090", description="Prometheus as Grafana reaches it."
+    )
+    notify_webhook_secret: SecretStr | None = Field(
+        default=None, description="Key of the HMAC-SHA256 signature on every webhook (X-Supportlens-Signature); "
+        "from the environment or a secrets file only. `supportlens notify` does not start without it.",
+    )
+    notify_max_attempts: int = Field(
+        default=5, ge=1, le=100, description="Attempts to deliver a notification before it goes to the dead-letter topic."
+    )
+    notify_backoff_first_s: float = Field(
+        default=2.0, gt=0, description="Longest wait before the first retry; it doubles with each retry (full jitter)."
+    )
+    notify_backoff_max_s: float = Field(default=300.0, gt=0, description="Longest wait between two attempts.")
+    notify_max_per_account_per_hour: int = Field(
+        default=10, ge=1, description="Notifications sent to one account in any hour; more are recorded as "
+        "rate_limited and not sent.",
+    )
+    notify_timeout_s: float = Field(
+        default=10.0, gt=0, description="Time a webhook receiver or SMTP server has to answer one attempt."
+    )
+    notify_senders: int = Field(default=4, ge=1, le=64, description="Notifications sent at the same time (threads).")
+    notify_metrics_port: int = Field(
+        default=8484, ge=0, le=65535, description="Port of `supportlens notify`'s Prometheus /metrics (0: not served)."
+    )
+    drill_webhook_url: str = Field(
+        default="", pattern=r"^(https?://\S+)?$", description="Where drill notifications go, signed like any webhook; "
+        "empty: drill notifications are sent nowhere (skipped_drill).",
+    )
+    smtp_host: str = Field(default="127.0.0.1", description="SMTP server that e-mail notifications are sent through.")
+    smtp_port: int = Field(default=25, ge=1, le=65535, description="Port of the SMTP server.")
+    smtp_from: str = Field(
+        default="supportlens@localhost", pattern=r"^[^@\s]+@[^@\s]+$", description="Sender of e-mail notifications."
+    )
+    smtp_username: str = Field(default="", description="SMTP user name; empty: no login.")
+    smtp_password: SecretStr | None = Field(
+        default=None, description="SMTP password; from the environment or a secrets file only."
+    )
+    smtp_starttls: bool = Field(
+        default=False, description="Upgrade SMTP connections with STARTTLS (required to log in to a server "
+        "that is not on loopback).",
     )
 
     @field_validator("locales")
@@ -239,6 +299,7 @@ class Settings(BaseSettings):
         """The settings as a person may see them: secrets masked, also a password inside the DSN."""
         view = self.model_dump(mode="json")
         view["clickhouse_dsn"] = redact_dsn(self.clickhouse_dsn)
+        view["grafana_clickhouse_dsn"] = redact_dsn(self.grafana_clickhouse_dsn)
         return view
 
 

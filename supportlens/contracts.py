@@ -39,6 +39,14 @@ Tier = Literal["vip", "standard"]
 Channel = Literal["webhook", "email", "none"]
 
 
+# Records replayed by a drill carry this attribute: every stage keeps drills apart from real traffic.
+DRILL_ATTRIBUTE = "supportlens.drill"
+
+
+def is_drill(attributes: dict[str, "AttributeValue"]) -> bool:
+    return attributes.get(DRILL_ATTRIBUTE) in (True, "true")
+
+
 class InvalidRecord(ValueError):
     """A record that cannot be accepted; ``reason`` names the field and the problem."""
 
@@ -325,12 +333,17 @@ class Notification(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     created_at_us: TimestampUs
     incident_id: OptionalId = ""
     channel: Channel = "none"
+    to: Annotated[str, Meta(max_length=2048)] = ""  # the webhook URL or e-mail address, from the account
     locale: Locale = "en"
     subject: Text = ""
     body: Text = ""
     drill: bool = False
     attributes: Attributes = {}
     schema_version: int = SCHEMA_VERSION
+
+
+# no_channel: the notification named no channel or no address, so nothing was sent (final).
+DeliveryOutcome = Literal["delivered", "failed", "rate_limited", "dead_lettered", "skipped_drill", "no_channel"]
 
 
 class DeliveryAttempt(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -341,7 +354,7 @@ class DeliveryAttempt(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     account_id: Id
     at_us: TimestampUs
     channel: Channel
-    outcome: Literal["delivered", "failed", "rate_limited", "dead_lettered", "skipped_drill"]
+    outcome: DeliveryOutcome
     detail: Text = ""  # e.g. the HTTP status or SMTP reply; never a secret
     drill: bool = False
     schema_version: int = SCHEMA_VERSION
@@ -368,6 +381,20 @@ class SignalCount(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
     requests: Count = 0  # all requests seen (client or entry server span), for the share of users
     users: UserHashes = []  # affected users (failed or reporting)
     active_users: UserHashes = []
+    accounts: Annotated[list[Id], Meta(max_length=1024)] = []  # accounts of the failed requests
+    drill: bool = False
+
+
+class MisuseCount(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True,
+                  tag="misuse", tag_field="kind"):
+    """A worker's count of one account's requests refused for a catalogued misuse (``code``),
+    since its last flush, for best-practice advice."""
+
+    source: Id
+    account_id: Id
+    code: Annotated[str, Meta(min_length=1, max_length=256)]
+    at_us: TimestampUs  # the latest such request
+    count: Annotated[int, Meta(ge=1)]
     drill: bool = False
 
 
@@ -395,7 +422,7 @@ class IncidentCommand(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     severity: Severity | None = None  # declare: default from the policy
 
 
-Signal = SignalCount | SignalClock | IncidentCommand
+Signal = SignalCount | MisuseCount | SignalClock | IncidentCommand
 _signal_decoder = msgspec.json.Decoder(Signal)
 
 

@@ -13,6 +13,7 @@ while that incident is open.
 from __future__ import annotations
 
 import logging
+from functools import cache
 
 from aiohttp import web
 from prometheus_client import (
@@ -101,9 +102,16 @@ class Metrics:
         )
         self.notification_deliveries = Counter(
             "notification_deliveries", "Attempts to deliver a customer notification, by channel and outcome "
-            "(delivered | failed | rate_limited | dead_lettered | skipped_drill).", ["channel", "outcome"],
+            "(delivered | failed | rate_limited | dead_lettered | skipped_drill | no_channel).", ["channel", "outcome"],
             namespace=ns, registry=registry,
         )
+
+
+@cache
+def process_metrics() -> Metrics:
+    """The metrics of this process, on the default registry that ``/metrics`` serves (created once:
+    a second registration of the same names would fail)."""
+    return Metrics(REGISTRY)
 
 
 def serve_metrics(settings: Settings, port: int, what: str) -> None:

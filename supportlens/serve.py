@@ -29,7 +29,7 @@ from sinks.clickhouse_sink import ClickHouseSink, tune_gc_for_sink
 from supportlens import store
 from supportlens.config import Settings
 from supportlens.gateway.server import open_site
-from supportlens.metrics import Metrics, serve_metrics
+from supportlens.metrics import process_metrics, serve_metrics
 from supportlens.support.access import DirectSupport
 from supportlens.support.api import build_support_app
 from supportlens.topics import require_topics
@@ -59,7 +59,7 @@ def run_sink_process(settings: Settings, loglevel: str = "info") -> None:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    sink = ClickHouseSink(settings, store.connect(settings, create_database=False), Metrics(REGISTRY), stop)
+    sink = ClickHouseSink(settings, store.connect(settings, create_database=False), process_metrics(), stop)
     serve_metrics(settings, settings.sink_metrics_port, "sink")
     tune_gc_for_sink()
     log.info("sink ready: ClickHouse %s", store.redact_dsn(settings.clickhouse_dsn))
@@ -74,7 +74,7 @@ def run_serve(settings: Settings, *, with_worker: bool = True, with_sink: bool =
     if with_sink:
         require_topics(settings, tuple(MAPPINGS))
     _open_store(settings)
-    metrics = Metrics(REGISTRY)
+    metrics = process_metrics()
     stop = threading.Event()
     sink_thread = None
     if with_sink:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -20,6 +21,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from supportlens.config import Settings
 from supportlens.gateway.ingest import OutRecord
+from supportlens.metrics import process_metrics
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,11 @@ class KafkaRecordSink:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
+        metrics = process_metrics()
+        for topic, count in Counter(record.topic for record in records).items():
+            metrics.events_out.labels(topic).inc(count)
+        if records:
+            metrics.last_progress.labels("gateway").set(time.time())
 
     def _produce(self, loop: asyncio.AbstractEventLoop, record: OutRecord) -> asyncio.Future[None]:
         """A future settled by the record's delivery report; already failed if librdkafka refused it."""
