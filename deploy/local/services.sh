@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Prometheus and Alertmanager binaries supportlens runs locally
-# (prometheus, promtool, prometheus-alertmanager) from Debian's packages.
+# (prometheus, promtool, prometheus-alertmanager) from Debian's packages, and
+# Docker Compose (docker-compose, v1 from Debian), whose `config` validates
+# deploy/compose.yaml without a Docker engine (tests/test_deploy.py).
 #
 # supportlens starts these itself with its own config and data directories;
 # the distro's daemons (system-wide config, port 9090/9093) must not be left
@@ -9,8 +11,8 @@
 # Idempotent: when the commands exist it only prints their versions.
 set -euo pipefail
 
-PACKAGES=(prometheus prometheus-alertmanager)
-COMMANDS=(prometheus promtool prometheus-alertmanager)
+PACKAGES=(prometheus prometheus-alertmanager docker-compose)
+COMMANDS=(prometheus promtool prometheus-alertmanager docker-compose)
 POLICY_RC=/usr/sbin/policy-rc.d
 
 log() { printf 'services: %s\n' "$*" >&2; }
@@ -52,7 +54,7 @@ apt_lists_empty() {
 
 install_packages() {
     command -v apt-get >/dev/null 2>&1 ||
-        die "apt-get not found: install ${PACKAGES[*]} (prometheus, promtool, prometheus-alertmanager) with your package manager"
+        die "apt-get not found: install ${PACKAGES[*]} (prometheus, promtool, prometheus-alertmanager, docker-compose) with your package manager"
     log "installing ${PACKAGES[*]} (missing: $(missing_commands | paste -sd' '))"
 
     local before
@@ -107,3 +109,4 @@ first_line() { "$@" 2>&1 | sed -n 1p; }
 first_line prometheus --version
 first_line promtool --version
 first_line prometheus-alertmanager --version
+first_line docker-compose version

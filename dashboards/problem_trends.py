@@ -1,0 +1,131 @@
+"""Global problem trends: which diagnosis classes hit how many requests and people, over time
+and by service, region, network, app version and platform.
+
+Reads ``problem_trends`` (migration 0006): per minute and combination of dimensions, the
+sketches of distinct request ids and distinct users. Merging the sketches over a longer
+stretch (``uniqMerge``) counts a user once however many minutes they failed in; summing the
+per-minute counts (as ``top_problems`` allows) would count them once a minute. Drills are
+left out: a replayed incident is not a problem of today.
+"""
+
+from __future__ import annotations
+
+from dashboards.common import (
+    APP_VERSION, REGION, SERVICE, Dashboard, Panel, Sql, in_selection, row, stat, table, timeseries,
+)
+
+UID = "supportlens-problem-trends"
+# The panels' common WHERE: the time range, no drills, the region / service / app version chosen.
+FILTERS = " AND ".join([
+    "$__timeFilter(minute)", "NOT drill",
+    *(in_selection(column, column) for column in ("region", "service", "app_version")),
+])
+
+
+def failed_requests() -> Panel:
+    return stat("Failed requests", "Distinct requests diagnosed as anything but ok.", Sql(
+        f"SELECT uniqMergeIf(requests, diagnosis_class != 'ok') AS failed_requests "
+        f"FROM problem_trends WHERE {FILTERS}",
+        ("failed_requests",),
+    ), color="orange")
+
+
+def affected_users() -> Panel:
+    return stat("Affected users", "Distinct users with at least one failed request in the range.", Sql(
+        f"SELECT uniqMergeIf(users, diagnosis_class != 'ok') AS affected_users FROM problem_trends WHERE {FILTERS}",
+        ("affected_users",),
+    ), color="orange")
+
+
+def failure_share() -> Panel:
+    return stat("Share of requests failed", "Failed distinct requests over all distinct requests.", Sql(
+        f"SELECT uniqMergeIf(requests, diagnosis_class != 'ok') / greatest(uniqMerge(requests), 1) AS failed_share "
+        f"FROM problem_trends WHERE {FILTERS}",
+        ("failed_share",),
+    ), unit="percentunit", warn_at=0.05, color="green")
+
+
+def problem_classes() -> Panel:
+    return stat("Problem classes seen", "Diagnosis classes other than ok with at least one request.", Sql(
+        f"SELECT uniqExactIf(diagnosis_class, diagnosis_class != 'ok') AS classes FROM problem_trends WHERE {FILTERS}",
+        ("classes",),
+    ))
+
+
+def requests_by_class() -> Panel:
+    return timeseries(
+        "Failed requests by diagnosis class",
+        "Distinct failed requests per interval, one line per diagnosis class.",
+        Sql(f"""
+            SELECT $__timeInterval(minute) AS time, diagnosis_class, uniqMerge(requests) AS requests
+            FROM problem_trends
+            WHERE {FILTERS} AND diagnosis_class != 'ok'
+            GROUP BY time, diagnosis_class
+            ORDER BY time, diagnosis_class
+        """, ("time", "diagnosis_class", "requests"), time_series=True),
+        stacked=True, width=12,
+    )
+
+
+def users_by_class() -> Panel:
+    return timeseries(
+        "Affected users by diagnosis class",
+        "Distinct users per interval whose requests failed, one line per diagnosis class.",
+        Sql(f"""
+            SELECT $__timeInterval(minute) AS time, diagnosis_class, uniqMerge(users) AS users
+            FROM problem_trends
+            WHERE {FILTERS} AND diagnosis_class != 'ok'
+            GROUP BY time, diagnosis_class
+            ORDER BY time, diagnosis_class
+        """, ("time", "diagnosis_class", "users"), time_series=True),
+        width=12,
+    )
+
+
+def _top_by(title: str, description: str, keys: tuple[str, ...], select: str) -> Panel:
+    """The worst values of one dimension: per value and class, distinct requests and users."""
+    group = ", ".join(keys)
+    return table(title, description, Sql(f"""
+        SELECT {select}, diagnosis_class, uniqMerge(requests) AS requests, uniqMerge(users) AS users
+        FROM problem_trends
+        WHERE {FILTERS} AND diagnosis_class != 'ok'
+        GROUP BY {group}, diagnosis_class
+        ORDER BY users DESC, requests DESC
+        LIMIT 20
+    """, (*keys, "diagnosis_class", "requests", "users")), gauges=("users",), width=12, height=9)
+
+
+def top_by_service() -> Panel:
+    return _top_by("Top problems by service", "The service a diagnosis blames (or the request's entry service).",
+                   ("service",), "service")
+
+
+def top_by_region() -> Panel:
+    return _top_by("Top problems by region", "Where the failing users are.", ("region",), "region")
+
+
+def top_by_network() -> Panel:
+    return _top_by("Top problems by network", "The users' ISP and connection type.",
+                   ("network", "connection_type"), "isp AS network, connection_type")
+
+
+def top_by_app_version() -> Panel:
+    return _top_by("Top problems by app version", "A bad release shows here first.", ("app_version",), "app_version")
+
+
+def top_by_platform() -> Panel:
+    return _top_by("Top problems by platform", "Operating system of the client app.", ("platform",), "platform")
+
+
+def dashboard() -> Dashboard:
+    return Dashboard(
+        UID, "supportlens · Global problem trends",
+        "Diagnosis classes over time and by dimension, with distinct affected users (ClickHouse problem_trends).",
+        panels=(
+            failed_requests(), affected_users(), failure_share(), problem_classes(),
+            requests_by_class(), users_by_class(),
+            row("Where problems are"),
+            top_by_service(), top_by_region(), top_by_network(), top_by_app_version(), top_by_platform(),
+        ),
+        variables=(REGION, SERVICE, APP_VERSION),
+    )
