@@ -36,6 +36,7 @@ test: venv services
 bench: venv kafka-start
 	$(BIN)/python bench/correlation.py
 	$(BIN)/python bench/clickhouse.py
+	$(BIN)/python bench/incidents.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

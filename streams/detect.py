@@ -71,11 +71,18 @@ class SourceClock(msgspec.Struct):
     seen_wall_s: float
 
 
-class EngineState(msgspec.Struct, kw_only=True):
-    keys: dict[str, KeyState] = {}
+class Timeline(msgspec.Struct, kw_only=True):
+    """One event time: real traffic has one, drills have their own."""
+
     sources: dict[str, SourceClock] = {}
     closed_until_us: int = 0  # every bucket before this is closed
     started_us: int = 0
+
+
+class EngineState(msgspec.Struct, kw_only=True):
+    keys: dict[str, KeyState] = {}
+    real: Timeline = msgspec.field(default_factory=Timeline)
+    drill: Timeline = msgspec.field(default_factory=Timeline)
     book: BookState = msgspec.field(default_factory=BookState)
     notices: NoticeState = msgspec.field(default_factory=NoticeState)
     latest: dict[str, IncidentEvent] = {}  # the latest transition of each open incident
@@ -120,12 +127,17 @@ class SurgeEngine:
         entry = self.state.keys.get(key)
         if entry is None:
             entry = self.state.keys[key] = KeyState(dimension=signal.dimension, value=signal.value, drill=signal.drill)
-        bucket = max(signal.bucket_start_us, self.state.closed_until_us)  # late: the oldest open bucket
+        closed_until = self._time(signal.drill).closed_until_us
+        late = signal.bucket_start_us < closed_until
+        bucket = max(signal.bucket_start_us, closed_until)  # late: the oldest open bucket
         acc = entry.open.get(bucket)
         if acc is None:
             acc = entry.open[bucket] = OpenBucket()
         acc.failed += signal.failed
-        acc.reports += signal.reports
+        if not late:
+            # A report of a failure whose bucket has closed is news about the past: its user and
+            # account still count as affected, but counted now it would only prolong a surge.
+            acc.reports += signal.reports
         acc.requests += signal.requests
         acc.users = self._merge(acc.users, signal.users)
         acc.active_users = self._merge(acc.active_users, signal.active_users)
@@ -139,46 +151,49 @@ class SurgeEngine:
                                                               signal.at_us, self.accounts, signal.drill))
 
     def on_clock(self, signal: SignalClock, wall_s: float) -> Outputs:
-        known = self.state.sources.get(signal.source)
-        watermark = max(signal.watermark_us, known.watermark_us if known else 0)
-        self.state.sources[signal.source] = SourceClock(watermark, wall_s)
-        return self.advance(wall_s)
+        sources = self._time(signal.drill).sources
+        known = sources.get(signal.source)
+        sources[signal.source] = SourceClock(max(signal.watermark_us, known.watermark_us if known else 0), wall_s)
+        return self.advance(wall_s, signal.drill)
 
     def on_command(self, command: IncidentCommand) -> Outputs:
         return self._with_notices(Outputs(incidents=self.book.on_command(command)))
 
     # ---- time ---------------------------------------------------------------------------------
-    def watermark(self, wall_s: float) -> int | None:
-        live = [c.watermark_us for c in self.state.sources.values() if wall_s - c.seen_wall_s <= self.config.idle_source_s]
+    def _time(self, drill: bool) -> Timeline:
+        return self.state.drill if drill else self.state.real
+
+    def watermark(self, wall_s: float, drill: bool = False) -> int | None:
+        live = [c.watermark_us for c in self._time(drill).sources.values()
+                if wall_s - c.seen_wall_s <= self.config.idle_source_s]
         return min(live) if live else None
 
-    def advance(self, wall_s: float) -> Outputs:
+    def advance(self, wall_s: float, drill: bool = False) -> Outputs:
         """Close every bucket that ended before the watermark; decide on what they show."""
-        watermark = self.watermark(wall_s)
+        watermark = self.watermark(wall_s, drill)
         out = Outputs()
         if watermark is None:
             return out
         limit = watermark - watermark % self._bucket_us  # buckets starting before this have ended
-        state = self.state
-        if not state.started_us:
-            state.started_us = limit
-            state.closed_until_us = limit
+        time = self._time(drill)
+        entries = [e for e in self.state.keys.values() if e.drill == drill]
+        if not time.started_us:
             # partials that arrived before the first clock belong to buckets before it: close them too
-            first = min((b for k in state.keys.values() for b in k.open), default=limit)
-            state.started_us = state.closed_until_us = min(limit, first)
-        if limit <= state.closed_until_us:
+            first = min((b for e in entries for b in e.open), default=limit)
+            time.started_us = time.closed_until_us = min(limit, first)
+        if limit <= time.closed_until_us:
             return out
         surges: list[SurgeEvent] = []
-        for entry in state.keys.values():
+        for entry in entries:
             surges += self._close(entry, limit)
-        state.closed_until_us = limit
+        time.closed_until_us = limit
         surges.sort(key=lambda e: (e.at_us, e.phase != "start", e.dimension, e.value))
         for at_us, group in itertools.groupby(surges, key=lambda e: e.at_us):
             batch = list(group)
             out.surges += batch
-            out.incidents += self.book.on_time(at_us)
+            out.incidents += self.book.on_time(at_us, drill)
             out.incidents += self.book.on_surges(batch)
-        out.incidents += self.book.on_time(limit)
+        out.incidents += self.book.on_time(limit, drill)
         return self._with_notices(out)
 
     # ---- customers ------------------------------------------------------------------------------
@@ -246,7 +261,7 @@ class SurgeEngine:
         if entry.detector is None:
             # a value never seen before: score it against the empty past the engine has watched
             warmup = self.config.surge.warmup_buckets * self._bucket_us
-            since = max(self.state.started_us, first_bucket - warmup)
+            since = max(self._time(entry.drill).started_us, first_bucket - warmup)
             if since < first_bucket:
                 detector.observe(since, 0)
         return detector

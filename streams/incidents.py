@@ -103,6 +103,7 @@ class Incident(msgspec.Struct, kw_only=True):
     state: Literal["candidate", "declared", "mitigated", "resolved"] = "candidate"
     started_at_us: int
     last_activity_us: int
+    last_join_us: int = 0  # start of the latest surge that joined
     last_event_us: int = 0  # at_us of its latest transition
     surges: dict[str, SurgeRef] = {}  # by "dimension=value"
     sequence: int = 0
@@ -118,7 +119,8 @@ class Incident(msgspec.Struct, kw_only=True):
 
 class BookState(msgspec.Struct, kw_only=True):
     incidents: list[Incident] = []
-    now_us: int = 0
+    now_us: int = 0  # event time of real traffic
+    drill_now_us: int = 0  # drills have their own
     manual_count: int = 0
     silenced: list[str] = []  # surges of incidents a person resolved: they join nothing until they end
 
@@ -139,7 +141,8 @@ class IncidentBook:
         """The surge events of one closed bucket (one ``at_us``): all are taken in before any
         decision, so an outage that shows in ten dimensions at once is judged as one."""
         touched: dict[str, tuple[Incident, list[str], bool]] = {}  # id → (incident, joined keys, came back)
-        at_us = self.state.now_us
+        drill = bool(events) and events[0].drill
+        at_us = self._now(drill)
         for event in events:
             at_us = max(at_us, event.at_us)
             found = self._absorb(event)
@@ -149,7 +152,7 @@ class IncidentBook:
             _, keys, back = touched.get(incident.incident_id, (incident, [], False))
             back = back or (incident.state == "mitigated" and event.phase != "end")
             touched[incident.incident_id] = (incident, keys + ([f"{event.dimension}={event.value}"] if joined else []), back)
-        self.state.now_us = at_us
+        self._set_now(drill, at_us)
         out: list[IncidentEvent] = []
         for incident, joined, back in touched.values():
             if incident.state == "candidate":
@@ -192,6 +195,7 @@ class IncidentBook:
         if ref is None or joined:
             ref = incident.surges[key] = SurgeRef(surge_id=event.surge_id, dimension=event.dimension,
                                                   value=event.value, started_at_us=event.started_at_us)
+            incident.last_join_us = max(incident.last_join_us, event.started_at_us)
         ref.affected_users = max(ref.affected_users, event.affected_users)
         ref.active_users = max(ref.active_users, int(event.attributes.get("active_users", 0) or 0))
         ref.ended_at_us = event.at_us if event.phase == "end" else None
@@ -199,13 +203,24 @@ class IncidentBook:
         incident.last_activity_us = max(incident.last_activity_us, event.at_us)
         return incident, joined
 
-    def on_time(self, now_us: int) -> list[IncidentEvent]:
-        """Event time moved to ``now_us``: escalate, resolve, forget."""
-        self.state.now_us = max(self.state.now_us, now_us)
-        now = self.state.now_us
+    def _now(self, drill: bool) -> int:
+        return self.state.drill_now_us if drill else self.state.now_us
+
+    def _set_now(self, drill: bool, now_us: int) -> None:
+        if drill:
+            self.state.drill_now_us = max(self.state.drill_now_us, now_us)
+        else:
+            self.state.now_us = max(self.state.now_us, now_us)
+
+    def on_time(self, now_us: int, drill: bool = False) -> list[IncidentEvent]:
+        """Event time (of real traffic, or of drills) moved to ``now_us``: escalate, resolve, forget."""
+        self._set_now(drill, now_us)
+        now = self._now(drill)
         rules = self.policy
         out: list[IncidentEvent] = []
         for incident in self.state.incidents:
+            if incident.drill != drill:
+                continue
             # each decision is stamped with the event time at which its rule came true, not with
             # ``now``: after a quiet stretch the watermark may jump far ahead in one step
             unresolved_at = incident.started_at_us + rules.declare.unresolved_after_s * 1_000_000
@@ -232,7 +247,7 @@ class IncidentBook:
         window_us = rules.merge.window_s * 1_000_000
         self.state.incidents = [
             i for i in self.state.incidents
-            if not (i.state == "resolved" or (i.state == "candidate" and not self._active(i)
+            if not (i.state == "resolved" or (i.drill == drill and i.state == "candidate" and not self._active(i)
                                               and now - i.last_activity_us > window_us))
         ]
         return out
@@ -272,18 +287,24 @@ class IncidentBook:
         return None
 
     def _group_for(self, event: SurgeEvent) -> Incident:
-        """The group a starting surge joins: a person's incident that names it, else the group
-        with surge activity within the merge window, else a new group."""
+        """The group a starting surge joins: a person's incident that names it, an incident in its
+        cool-down that it was part of, a group whose latest surge started within the merge window,
+        else a new group."""
         window_us = self.policy.merge.window_s * 1_000_000
         live = [i for i in self.state.incidents if i.state != "resolved"]
+        key = f"{event.dimension}={event.value}"
         for incident in live:
             if incident.manual_dimensions.get(event.dimension) == event.value and incident.drill == event.drill:
                 return incident
-        # drills never merge with real incidents: a role-play must not touch the real one
+            if incident.state == "mitigated" and key in incident.surges and incident.drill == event.drill:
+                return incident  # the same failure coming back during the cool-down re-opens it
+        # Related: started within the window of the group's latest surge *start*: an outage shows
+        # in its dimensions within a few buckets, while a surge starting long into one is another
+        # story. Drills never merge with real incidents.
         near = [i for i in live if not i.manual_dimensions and i.drill == event.drill
-                and event.at_us - i.last_activity_us <= window_us]
+                and event.started_at_us - i.last_join_us <= window_us]
         if near:
-            return max(near, key=lambda i: i.last_activity_us)
+            return max(near, key=lambda i: i.last_join_us)
         digest = _digest(f"{'drill:' if event.drill else ''}{event.dimension}={event.value}:{event.started_at_us}")
         incident = Incident(incident_id=f"inc-{digest}", started_at_us=event.started_at_us,
                             last_activity_us=event.at_us, drill=event.drill)

@@ -13,7 +13,9 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from supportlens.contracts import Account, FaultReport, MisuseCount, Record, SignalClock, SignalCount, Span
+from supportlens.contracts import (
+    Account, FaultReport, MisuseCount, Record, SignalClock, SignalCount, Span, is_drill,
+)
 from streams.catalog import Catalog
 from streams.detect import EngineConfig, Outputs, SurgeEngine
 from streams.incidents import Policy
@@ -84,7 +86,7 @@ def replay(records: Iterable[tuple[int, Record]], catalog: Catalog, policy: Poli
         if isinstance(record, Account):
             accounts[record.account_id] = record
             continue
-        aggregator.saw("in", ts_us)
+        aggregator.saw("in", ts_us, is_drill(record.attributes) if isinstance(record, (Span, FaultReport)) else False)
         if isinstance(record, Span):
             counter.span(record)
         elif isinstance(record, FaultReport):

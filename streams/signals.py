@@ -99,9 +99,9 @@ class SignalAggregator:
     _cells: dict[tuple[bool, str, str, int], _Cell] = field(default_factory=dict)
     _misuse: dict[tuple[bool, str, str], tuple[int, int]] = field(default_factory=dict)  # → (count, latest µs)
     _values: dict[str, set[str]] = field(default_factory=dict)
-    _latest_us: dict[object, int] = field(default_factory=dict)  # event time per input partition
-    _last_latest_us: int = 0
-    _silent_since_us: int = 0  # wall time since which no input moved
+    _latest_us: dict[tuple[bool, object], int] = field(default_factory=dict)  # (drill, partition) → event time
+    _last_latest_us: dict[bool, int] = field(default_factory=dict)
+    _silent_since_us: dict[bool, int] = field(default_factory=dict)  # wall time since which no input moved
 
     @property
     def bucket_us(self) -> int:
@@ -120,10 +120,12 @@ class SignalAggregator:
             cell = self._cells[key] = _Cell(users=DistinctSketch(self.sketch_k), active=DistinctSketch(self.sketch_k))
         return cell
 
-    def saw(self, partition: object, ts_us: int) -> None:
-        """An input partition reached event time ``ts_us`` (any record, counted or not)."""
-        if ts_us > self._latest_us.get(partition, 0):
-            self._latest_us[partition] = ts_us
+    def saw(self, partition: object, ts_us: int, drill: bool = False) -> None:
+        """An input partition reached event time ``ts_us`` (any record, counted or not); drills
+        have a time of their own, so a replay never moves the clock of real traffic."""
+        key = (drill, partition)
+        if ts_us > self._latest_us.get(key, 0):
+            self._latest_us[key] = ts_us
 
     def request(self, span: Span) -> None:
         """The first span of a request: it counts as traffic in the dimensions it tells."""
@@ -150,31 +152,38 @@ class SignalAggregator:
             self._misuse[key] = (count + 1, max(latest, span.start_us))
 
     def report(self, report: FaultReport) -> None:
+        """A fault report counts at the time of the failure it cites (its client log says when),
+        not when it was filed: users report 5–60 s later, and counting them then would keep a
+        surge alive for a minute after the fault ended."""
         dims = {"region": report.region, "app_version": report.app_version, "platform": report.platform,
                 "network": report.network.isp if report.network is not None else ""}
         drill = is_drill(report.attributes)
+        cited = report.request_ids[0] if report.request_ids else ""
+        at_us = next((s.start_us for s in report.client_log if s.request_id == cited and s.side == "client"),
+                     report.received_at_us)
         for dimension, value in dims.items():
             if not value:
                 continue
-            cell = self._cell(dimension, value, report.received_at_us, drill)
+            cell = self._cell(dimension, value, at_us, drill)
             cell.reports += 1
             cell.users.add(report.user_id or report.client_ip)
             if report.account_id and len(cell.accounts) < MAX_ACCOUNTS_PER_CELL:
                 cell.accounts.add(report.account_id)
 
-    def watermark(self, caught_up: Callable[[object], bool], now_us: int) -> int:
+    def watermark(self, caught_up: Callable[[object], bool], now_us: int, drill: bool = False) -> int:
         """Event time up to which this worker has counted: the slowest input partition that
         still has records to read, else the latest record time seen. When no record came
         for ``lateness_s`` (the end of a replay, a quiet night), time goes on without data:
         the wall clock less ``lateness_s``, for records still on their way."""
-        behind = [ts for partition, ts in self._latest_us.items() if not caught_up(partition)]
+        mine = {partition: ts for (is_drill_time, partition), ts in self._latest_us.items() if is_drill_time == drill}
+        behind = [ts for partition, ts in mine.items() if not caught_up(partition)]
         if behind:
             return min(behind)
-        latest = max(self._latest_us.values(), default=0)
-        if latest != self._last_latest_us:
-            self._last_latest_us, self._silent_since_us = latest, now_us
+        latest = max(mine.values(), default=0)
+        if latest != self._last_latest_us.get(drill):
+            self._last_latest_us[drill], self._silent_since_us[drill] = latest, now_us
         lateness_us = int(self.lateness_s * 1_000_000)
-        if latest and now_us - self._silent_since_us >= lateness_us:
+        if latest and now_us - self._silent_since_us[drill] >= lateness_us:
             return max(latest, now_us - lateness_us)
         return latest
 
@@ -192,9 +201,10 @@ class SignalAggregator:
                 for (drill, account, code), (count, latest) in sorted(self._misuse.items())]
         self._cells.clear()
         self._misuse.clear()
-        watermark = self.watermark(caught_up, now_us)
-        if watermark:
-            out.append(SignalClock(source=self.source, watermark_us=watermark, sent_at_us=now_us))
+        for drill in sorted({drill for drill, _ in self._latest_us}):
+            watermark = self.watermark(caught_up, now_us, drill)
+            if watermark:
+                out.append(SignalClock(source=self.source, watermark_us=watermark, sent_at_us=now_us, drill=drill))
         return out
 
 

@@ -201,7 +201,8 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
             if isinstance(report, InvalidRecord):
                 await dead_letter(event, report.reason)
                 continue
-            aggregator.saw((event.message.topic, event.message.partition), report.received_at_us)
+            aggregator.saw((event.message.topic, event.message.partition), report.received_at_us,
+                           is_drill(report.attributes))
             aggregator.report(report)
             key = primary_request_id(report) or report.report_id
             # keep the record time: the correlator compares it with the span streams' times
@@ -237,7 +238,7 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
                     key = event.key or record.report_id.encode()
                 state = touched[key][0] if key in touched else current_state(key)
                 if isinstance(record, Span):
-                    aggregator.saw((event.message.topic, partition), record.start_us)
+                    aggregator.saw((event.message.topic, partition), record.start_us, is_drill(record.attributes))
                     if state is None:
                         aggregator.request(record)
                     state, changed = add_span(state, record, now, ts_ms)

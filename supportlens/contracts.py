@@ -406,6 +406,7 @@ class SignalClock(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True,
     source: Id
     watermark_us: TimestampUs
     sent_at_us: TimestampUs = 0  # wall time, for telling idle sources apart
+    drill: bool = False  # drills keep a time of their own: a replay must not move real time
 
 
 class IncidentCommand(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True,
