@@ -15,8 +15,9 @@ from clickhouse_connect.driver.client import Client
 from supportlens import store
 from supportlens.config import Settings
 from supportlens.errors import UserError
-from supportlens.store import lookup
+from supportlens.store import lookup, recorded
 from supportlens.store.lookup import ReportDetail, RequestChain, Timeline, TopProblems
+from supportlens.store.recorded import RecordedIncident, ReportPage, SpanPage
 
 T = TypeVar("T")
 
@@ -27,6 +28,9 @@ class Support(Protocol):
     def report_detail(self, report_id: str) -> ReportDetail: ...
     def top_problems(self, by: str, since_us: int, until_us: int, limit: int) -> TopProblems: ...
     def table_counts(self) -> store.TableCounts: ...
+    def recorded_incident(self, incident_id: str) -> RecordedIncident: ...
+    def recorded_spans(self, since_us: int, until_us: int, after: str, limit: int) -> SpanPage: ...
+    def recorded_reports(self, since_us: int, until_us: int, after: str, limit: int) -> ReportPage: ...
 
 
 class DirectSupport:
@@ -49,6 +53,15 @@ class DirectSupport:
 
     def table_counts(self) -> store.TableCounts:
         return store.table_counts(self.client)
+
+    def recorded_incident(self, incident_id: str) -> RecordedIncident:
+        return recorded.recorded_incident(self.client, incident_id)
+
+    def recorded_spans(self, since_us: int, until_us: int, after: str, limit: int) -> SpanPage:
+        return recorded.recorded_spans(self.client, since_us, until_us, after, limit)
+
+    def recorded_reports(self, since_us: int, until_us: int, after: str, limit: int) -> ReportPage:
+        return recorded.recorded_reports(self.client, since_us, until_us, after, limit)
 
 
 class RemoteSupport:
@@ -94,6 +107,17 @@ class RemoteSupport:
 
     def table_counts(self) -> store.TableCounts:
         return self._get("/v1/tables", {}, store.TableCounts)
+
+    def recorded_incident(self, incident_id: str) -> RecordedIncident:
+        return self._get("/v1/incident", {"id": incident_id}, RecordedIncident)
+
+    def recorded_spans(self, since_us: int, until_us: int, after: str, limit: int) -> SpanPage:
+        return self._get("/v1/recorded/spans", {"since_us": since_us, "until_us": until_us, "after": after,
+                                                "limit": limit}, SpanPage)
+
+    def recorded_reports(self, since_us: int, until_us: int, after: str, limit: int) -> ReportPage:
+        return self._get("/v1/recorded/reports", {"since_us": since_us, "until_us": until_us, "after": after,
+                                                  "limit": limit}, ReportPage)
 
 
 def open_support(settings: Settings) -> Support:

@@ -2,9 +2,12 @@
 
 Endpoints (all GET): ``/v1/timeline?ip=|user=|account=&since=24h&until=now&limit=200``,
 ``/v1/request?id=``, ``/v1/report?id=``, ``/v1/top?by=service&since=7d``, ``/v1/tables``,
-``/healthz`` and ``/metrics``. A bad input is a ``400`` with ``{"error", "hint"}`` in the
-user's words; nothing else about the query or the store is revealed. Queries are blocking
-calls into ClickHouse, so they run in threads and the event loop stays free.
+``/healthz`` and ``/metrics``; for drills ``/v1/incident?id=`` and the recorded records of a
+window, a page at a time: ``/v1/recorded/spans`` and ``/v1/recorded/reports``
+(``since_us``, ``until_us``, ``after`` = the previous page's ``next``, ``limit``). A bad input
+is a ``400`` with ``{"error", "hint"}`` in the user's words; nothing else about the query or
+the store is revealed. Queries are blocking calls into ClickHouse, so they run in threads and
+the event loop stays free.
 """
 
 from __future__ import annotations
@@ -106,6 +109,30 @@ async def tables(request: web.Request) -> web.Response:
     return await _run(request, lambda support: support.table_counts())
 
 
+async def incident(request: web.Request) -> web.Response:
+    return await _run(request, lambda support: support.recorded_incident(request.query.get("id", "")))
+
+
+def _recorded_page(kind: str, default_limit: int) -> Callable[[web.Request], Any]:
+    async def page(request: web.Request) -> web.Response:
+        query = request.query
+
+        def call(support: Support) -> Any:
+            since, until = _int(query, "since_us"), _int(query, "until_us")
+            if since is None or until is None:
+                raise LookupInputError("give the window as since_us and until_us (UTC microseconds)")
+            after, limit = query.get("after", ""), _limit(query, default_limit)
+            if len(after) > 2048:
+                raise LookupInputError("`after` is not a position this API gave out")
+            if kind == "spans":
+                return support.recorded_spans(since, until, after, limit)
+            return support.recorded_reports(since, until, after, limit)
+
+        return await _run(request, call)
+
+    return page
+
+
 async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
 
@@ -119,6 +146,9 @@ def build_support_app(support: Support, registry: CollectorRegistry) -> web.Appl
     app.router.add_get("/v1/report", report_detail)
     app.router.add_get("/v1/top", top)
     app.router.add_get("/v1/tables", tables)
+    app.router.add_get("/v1/incident", incident)
+    app.router.add_get("/v1/recorded/spans", _recorded_page("spans", 5000))
+    app.router.add_get("/v1/recorded/reports", _recorded_page("reports", 200))
     app.router.add_get("/healthz", healthz)
     app.router.add_routes([metrics_route(registry)])
     return app
