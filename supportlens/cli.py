@@ -31,6 +31,9 @@ app.add_typer(db_app, name="db")
 dashboards_app = typer.Typer(help="Grafana dashboards as code: build their JSON, push them to Grafana.",
                              no_args_is_help=True)
 app.add_typer(dashboards_app, name="dashboards")
+accounts_app = typer.Typer(help="Customer accounts (tier, contacts, channel, locale) on the compacted `accounts` topic.",
+                           no_args_is_help=True)
+app.add_typer(accounts_app, name="accounts")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -434,12 +437,120 @@ def resolve(
     console.print(f"resolved [bold]{event.incident_id}[/]: {event.reason}")
 
 
-def _progress() -> Progress:
+@accounts_app.command("import")
+def accounts_import(
+    ctx: typer.Context,
+    path: Annotated[Path, typer.Argument(help="CSV: account_id,name,tier,locale,channel,webhook_url,contact_emails")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only check the file; send nothing.")] = False,
+) -> None:
+    """Load accounts from a CSV file; each bad row is named with its line, the good ones are imported.
+
+    Exit code 1 when any row was bad (the good ones are still imported), 2 when the file cannot be read.
+    """
+    from supportlens.accounts import produce_accounts, read_accounts_file
+
+    settings: Settings = ctx.obj
+    parsed = read_accounts_file(path)
+    for problem in parsed.problems:
+        err_console.print(str(problem), style="red", markup=False, highlight=False, soft_wrap=True)
+    good = [account for _, account in parsed.accounts]
+    topic = settings.topic("accounts")
+    if dry_run:
+        console.print(f"{len(good):,} accounts valid, {_rows(parsed.bad_rows)} with problems (nothing sent)")
+    else:
+        sent = produce_accounts(settings, good) if good else 0
+        vip = sum(account.tier == "vip" for account in good)
+        console.print(f"imported {sent:,} accounts ({vip:,} VIP) to {topic}")
+    if parsed.problems:
+        err_console.print(f"{_rows(parsed.bad_rows)} not imported: fix them and import the file again "
+                          "(accounts already imported are replaced, never doubled)")
+        raise typer.Exit(1)
+
+
+def _rows(n: int) -> str:
+    return f"{n:,} row" + ("" if n == 1 else "s")
+
+
+@accounts_app.command("list")
+def accounts_list(
+    ctx: typer.Context,
+    vip: Annotated[bool, typer.Option("--vip", help="Only VIP accounts.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """The accounts as the pipeline sees them (the latest record of each on the compacted topic)."""
+    from supportlens.accounts import read_accounts
+
+    accounts = [a for a in read_accounts(ctx.obj) if a.tier == "vip" or not vip]
+    if as_json:
+        print(msgspec.json.encode(accounts).decode())
+        return
+    table = Table("account", "name", "tier", "locale", "channel", "sends to", title=f"{len(accounts):,} accounts")
+    for a in accounts:
+        to = a.webhook_url if a.channel == "webhook" else ", ".join(c.email for c in a.contacts)
+        table.add_row(a.account_id, a.name, a.tier, a.locale, a.channel, to)
+    console.print(table)
+
+
+@app.command()
+def drill(
+    ctx: typer.Context,
+    incident: Annotated[str, typer.Option("--incident", help="The recorded incident to replay (`supportlens incidents --all`).")],
+    speed: Annotated[float, typer.Option(help="Recorded seconds per wall second; 0 = as fast as possible.")] = 60.0,
+    lead: Annotated[str, typer.Option(help="Replay from this long before the incident's start, e.g. 15m.")] = "15m",
+    tail: Annotated[str, typer.Option(help="Replay until this long after its end, e.g. 5m.")] = "5m",
+    drill_id: Annotated[Optional[str], typer.Option(help="The drill's id (default: a new random one).")] = None,
+) -> None:
+    """Replay a past incident's recorded spans and fault reports into Kafka as a drill (time-shifted, marked)."""
+    from supportlens.drill import DrillOptions, run_drill
+    from supportlens.support.access import open_support
+
+    settings: Settings = ctx.obj
+    options = DrillOptions(incident, speed, _seconds(lead, "--lead"), _seconds(tail, "--tail"), drill_id or "")
+    support = open_support(settings)
+    with _progress("recorded s") as bar:
+        task = bar.add_task(f"drill of {incident}", total=None, sent=0)
+        summary = run_drill(settings, support, options,
+                            progress=lambda done, total, sent: bar.update(task, completed=done, total=total, sent=sent))
+    since, until = summary.window_us
+    table = Table("topic", "records", title=f"drill {summary.drill_id} of {summary.incident.incident_id}: "
+                  f"{summary.incident.title or summary.incident.root_key}")
+    for topic in ("client-spans", "server-spans", "fault-reports"):
+        table.add_row(settings.topic(topic), f"{summary.counts.get(topic, 0):,}")
+    console.print(table)
+    console.print(f"replayed {_utc(since)} – {_utc(until)} (recorded) as {_utc(summary.drill_start_us)} – "
+                  f"{_utc(summary.drill_start_us + until - since)}; every id is now drill-{summary.drill_id}-<id>, "
+                  "every record carries supportlens.drill=true")
+    if summary.logs_lost:
+        console.print(f"{summary.logs_lost:,} fault reports replayed without their client log: ClickHouse keeps "
+                      "only its length for reports that did not come through the gateway")
+    if summary.refused:
+        err_console.print(f"{summary.refused:,} records not sent, the contracts refused them: "
+                          + "; ".join(summary.skipped[:3]))
+    console.print("what the pipeline declares from it: `supportlens incidents` (marked drill); "
+                  f"its requests: `supportlens lookup --request drill-{summary.drill_id}-<request id>`")
+
+
+def _seconds(text: str, flag: str) -> int:
+    from supportlens.store.lookup import LookupInputError, parse_duration
+
+    if text.strip() in ("0", "0s", "0m"):
+        return 0
+    try:
+        return parse_duration(text)
+    except LookupInputError as exc:
+        raise UserError(f"{flag}: {exc.message}", hint=exc.hint) from None
+
+
+def _utc(at_us: int) -> str:
+    return datetime.fromtimestamp(at_us / 1e6, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _progress(unit: str = "sim s") -> Progress:
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("sim s · {task.fields[sent]:,} records", style="dim"),
+        TextColumn(unit + " · {task.fields[sent]:,} records", style="dim"),
         TimeElapsedColumn(),
         console=err_console,
     )
