@@ -259,9 +259,10 @@ class SurgeEngine:
     def _detector(self, entry: KeyState, first_bucket: int) -> SurgeDetector:
         detector = SurgeDetector(self.config.surge, entry.detector)
         if entry.detector is None:
-            # a value never seen before: score it against the empty past the engine has watched
+            # A value never seen before: score it against the empty past the engine has watched.
+            # A drill replays a past that was watched: its values are warm from the start.
             warmup = self.config.surge.warmup_buckets * self._bucket_us
-            since = max(self._time(entry.drill).started_us, first_bucket - warmup)
+            since = first_bucket - warmup if entry.drill else max(self.state.real.started_us, first_bucket - warmup)
             if since < first_bucket:
                 detector.observe(since, 0)
         return detector
