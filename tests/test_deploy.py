@@ -24,9 +24,9 @@ from supportlens.config import load_settings
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
-SUPPORTLENS_SERVICES = {"worker", "sink", "gateway", "support"}
+SUPPORTLENS_SERVICES = {"worker", "sink", "notify", "gateway", "support"}
 INFRASTRUCTURE = {"kafka", "clickhouse", "prometheus", "alertmanager", "grafana"}
-METRICS_PORTS = {"gateway": 8480, "worker": 8482, "sink": 8483, "support": 8481}
+METRICS_PORTS = {"gateway": 8480, "worker": 8482, "sink": 8483, "notify": 8484, "support": 8481}
 
 
 def _compose(*args: str) -> subprocess.CompletedProcess[str]:
