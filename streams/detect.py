@@ -21,7 +21,6 @@ changelog-backed table, so a restarted worker continues where it stopped.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ import msgspec
 from supportlens.contracts import (
     Account, IncidentCommand, IncidentEvent, MisuseCount, Notification, SignalClock, SignalCount, SurgeEvent,
 )
-from streams.incidents import BookState, IncidentBook, Policy, TeamOf
+from streams.incidents import BookState, IncidentBook, Policy, TeamOf, stable_digest
 from streams.notices import Notifier, NoticeState, vip_count
 from streams.surge import DetectorState, DistinctSketch, Reading, SurgeDetector, SurgeParams
 
@@ -286,7 +285,7 @@ class SurgeEngine:
 
     def _surge_event(self, entry: KeyState, reading: Reading) -> SurgeEvent:
         if reading.phase == "start":
-            entry.surge_id = "s-" + _digest(f"{entry.dimension}={entry.value}@{reading.bucket_start_us}")
+            entry.surge_id = "s-" + stable_digest(f"{entry.dimension}={entry.value}@{reading.bucket_start_us}")
             entry.surge_started_us = reading.bucket_start_us
         per_min = 60 / self.config.surge.bucket_s
         return SurgeEvent(
@@ -324,10 +323,6 @@ class SurgeEngine:
 
 def _key(dimension: str, value: str, drill: bool) -> str:
     return f"{'drill:' if drill else ''}{dimension}={value}"
-
-
-def _digest(text: str) -> str:
-    return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 
 _encoder = msgspec.json.Encoder()

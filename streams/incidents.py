@@ -257,7 +257,7 @@ class IncidentBook:
         at = max(command.at_us, self.state.now_us)
         if command.action == "declare":
             self.state.manual_count += 1
-            digest = _digest(f"manual:{command.by}:{command.at_us}:{self.state.manual_count}")
+            digest = stable_digest(f"manual:{command.by}:{command.at_us}:{self.state.manual_count}")
             incident = Incident(incident_id=f"inc-{digest}", started_at_us=at, last_activity_us=at,
                                 manual_dimensions=dict(command.dimensions), title=command.title)
             self.state.incidents.append(incident)
@@ -305,7 +305,7 @@ class IncidentBook:
                 and event.started_at_us - i.last_join_us <= window_us]
         if near:
             return max(near, key=lambda i: i.last_join_us)
-        digest = _digest(f"{'drill:' if event.drill else ''}{event.dimension}={event.value}:{event.started_at_us}")
+        digest = stable_digest(f"{'drill:' if event.drill else ''}{event.dimension}={event.value}:{event.started_at_us}")
         incident = Incident(incident_id=f"inc-{digest}", started_at_us=event.started_at_us,
                             last_activity_us=event.at_us, drill=event.drill)
         self.state.incidents.append(incident)
@@ -452,7 +452,8 @@ def _max_severity(a: Severity, b: Severity) -> Severity:
     return a if SEVERITIES.index(a) <= SEVERITIES.index(b) else b
 
 
-def _digest(text: str) -> str:
+def stable_digest(text: str) -> str:
+    """A short id part that is the same in every process and run (unlike ``hash()``)."""
     return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from confluent_kafka import KafkaError, KafkaException, Producer
 
+from supportlens.bulk_producer import BulkProducer
 from supportlens.config import Settings
 from supportlens.contracts import Account, InvalidRecord, decode, encode, explain
 from supportlens.errors import UserError
@@ -222,33 +222,13 @@ def produce_accounts(settings: Settings, accounts: Iterable[Account], timeout_s:
     Kafka is unreachable, the topic is missing, or a record was not acknowledged.
     """
     require_topics(settings, ("accounts",))
-    producer = Producer(settings.producer_config(**{"enable.idempotence": True, "linger.ms": 20,
-                                                    "message.timeout.ms": int(timeout_s * 1000)}))
-    failures: list[str] = []
-
-    def on_delivery(err: KafkaError | None, _msg: object) -> None:
-        if err is not None and len(failures) < 5:
-            failures.append(err.str())
-
+    producer = BulkProducer(settings, timeout_s=timeout_s)
     topic = settings.topic("accounts")
     sent = 0
-    try:
-        for account in accounts:
-            while True:
-                try:
-                    producer.produce(topic, key=account.account_id, value=encode(account), on_delivery=on_delivery)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-            sent += 1
-        remaining = producer.flush(timeout_s)
-    except KafkaException as exc:
-        raise UserError(f"Kafka at {settings.kafka_bootstrap} refused the accounts ({exc})",
-                        hint="check the broker (`deploy/local/kafka.sh status`)") from None
-    if failures or remaining:
-        problem = failures[0] if failures else f"{remaining} accounts still unsent after {timeout_s:.0f} s"
-        raise UserError(f"Kafka did not take every account ({problem}); run the import again, it is idempotent",
-                        hint=f"check the broker at {settings.kafka_bootstrap}")
+    for account in accounts:
+        producer.send(topic, account.account_id, encode(account))
+        sent += 1
+    producer.finish("run the import again, it is idempotent", hint=f"check the broker at {settings.kafka_bootstrap}")
     return sent
 
 

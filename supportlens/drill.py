@@ -30,8 +30,8 @@ from datetime import datetime, timezone
 
 import msgspec
 from clickhouse_connect.driver.exceptions import ClickHouseError
-from confluent_kafka import KafkaError, KafkaException, Producer
 
+from supportlens.bulk_producer import BulkProducer
 from supportlens.config import Settings
 from supportlens.contracts import FaultReport, InvalidRecord, Span, decode, encode
 from supportlens.errors import UserError
@@ -209,20 +209,7 @@ def _replay(settings: Settings, support: Support, options: DrillOptions, drill_i
                         hint="spans are kept 14 days by default (SUPPORTLENS_CLICKHOUSE_TTL_DAYS)")
     require_topics(settings, ("client-spans", "server-spans", "fault-reports"))
     drill = Drill(drill_id, origin_us=since, start_us=now_us(), speed=options.speed)
-    producer = Producer(settings.producer_config(**{
-        "enable.idempotence": True,  # retries never duplicate or reorder a partition's records
-        "linger.ms": 20,
-        "compression.type": "lz4",
-        "queue.buffering.max.messages": 500_000,
-        "message.max.bytes": max(settings.max_record_bytes + 65536, 1_000_000),
-        "message.timeout.ms": 60_000,
-    }))
-    failures: list[str] = []
-
-    def on_delivery(err: KafkaError | None, _msg: object) -> None:
-        if err is not None and len(failures) < 20:
-            failures.append(err.str())
-
+    producer = BulkProducer(settings)
     counts: Counter[str] = Counter()
     skipped: list[str] = []
     refused = 0
@@ -230,43 +217,36 @@ def _replay(settings: Settings, support: Support, options: DrillOptions, drill_i
     total_s = max(1, (until - since) // SECOND_US)
     reported_s = -1
     wall_start = time.monotonic()
-    try:
-        for at_us, _, record, log_length in itertools.chain([first], records):
+    for at_us, _, record, log_length in itertools.chain([first], records):
+        delay = wall_start + drill.due_s(at_us) - time.monotonic()
+        if delay > 0:
+            producer.wait(delay)
             delay = wall_start + drill.due_s(at_us) - time.monotonic()
             if delay > 0:
-                producer.flush(delay)  # waits, and hands librdkafka the time to send
-                delay = wall_start + drill.due_s(at_us) - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-            if isinstance(record, Span):
-                topic, out, key, ts_us = _span_out(record, drill)
-            else:
-                logs_lost += log_length > len(record.client_log)
-                topic, out, key, ts_us = _report_out(record, drill)
-            value = encode(out)
-            try:
-                decode(value, type(out), settings.max_record_bytes)
-            except InvalidRecord as exc:
-                refused += 1
-                if len(skipped) < 20:
-                    skipped.append(f"{topic} {key}: {exc.reason}")
-                continue
-            _produce(producer, settings.topic(topic), key, value, ts_us, on_delivery)
-            counts[topic] += 1
-            done_s = (at_us - since) // SECOND_US
-            if progress and done_s != reported_s:
-                reported_s = done_s
-                progress(min(done_s, total_s), total_s, sum(counts.values()))
-            if failures:
-                break
-        remaining = producer.flush(60)
-    except KafkaException as exc:
-        raise UserError(f"Kafka at {settings.kafka_bootstrap} refused the drill's records ({exc})",
-                        hint="check the broker; records sent so far stay marked as this drill") from None
-    if failures or remaining:
-        problem = failures[0] if failures else f"{remaining} records still unsent after 60 s"
-        raise UserError(f"Kafka did not accept every record of drill {drill_id} ({problem}); the drill is incomplete",
-                        hint=f"check the broker at {settings.kafka_bootstrap}")
+                time.sleep(delay)
+        if isinstance(record, Span):
+            topic, out, key, ts_us = _span_out(record, drill)
+        else:
+            logs_lost += log_length > len(record.client_log)
+            topic, out, key, ts_us = _report_out(record, drill)
+        value = encode(out)
+        try:
+            decode(value, type(out), settings.max_record_bytes)
+        except InvalidRecord as exc:
+            refused += 1
+            if len(skipped) < 20:
+                skipped.append(f"{topic} {key}: {exc.reason}")
+            continue
+        producer.send(settings.topic(topic), key, value, ts_us)
+        counts[topic] += 1
+        done_s = (at_us - since) // SECOND_US
+        if progress and done_s != reported_s:
+            reported_s = done_s
+            progress(min(done_s, total_s), total_s, sum(counts.values()))
+        if producer.failed:
+            break
+    producer.finish(f"drill {drill_id} is incomplete; records sent so far stay marked as this drill",
+                    hint=f"check the broker at {settings.kafka_bootstrap}")
     if progress:
         progress(total_s, total_s, sum(counts.values()))
     return DrillSummary(drill_id=drill_id, incident=incident, window_us=(since, until), drill_start_us=drill.start_us,
@@ -281,16 +261,6 @@ def _span_out(span: Span, drill: Drill) -> tuple[str, Span, str, int]:
 def _report_out(report: FaultReport, drill: Drill) -> tuple[str, FaultReport, str, int]:
     out = drill_report(report, drill)
     return "fault-reports", out, out.report_id, out.received_at_us
-
-
-def _produce(producer: Producer, topic: str, key: str, value: bytes, ts_us: int,
-             on_delivery: Callable[[KafkaError | None, object], None]) -> None:
-    while True:
-        try:
-            producer.produce(topic, value=value, key=key, timestamp=ts_us // 1000, on_delivery=on_delivery)
-            return
-        except BufferError:  # local queue full: let librdkafka drain, then retry
-            producer.poll(0.05)
 
 
 def _utc(at_us: int) -> str:

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from confluent_kafka import KafkaError, Producer
-
+from supportlens.bulk_producer import BulkProducer
 from supportlens.config import Settings
 from supportlens.contracts import encode
 from supportlens.errors import UserError
@@ -71,46 +70,21 @@ def simulate(
     require_topics(settings, ("accounts", "client-spans", "server-spans", "fault-reports", "behaviour"))
     world = build_world(options.seed, options.users)
     sim = Simulation(plan, world)
-    producer = Producer(
-        settings.producer_config(
-            **{
-                "enable.idempotence": True,  # retries never duplicate or reorder a partition's records
-                "linger.ms": 20,
-                "compression.type": "lz4",
-                "batch.num.messages": 10000,
-                "queue.buffering.max.messages": 500_000,
-                "message.max.bytes": max(settings.max_record_bytes + 65536, 1_000_000),
-                "message.timeout.ms": 60_000,
-            }
-        )
-    )
-    failures: list[str] = []
-
-    def on_delivery(err: KafkaError | None, _msg: object) -> None:
-        if err is not None and len(failures) < 20:
-            failures.append(err.str())
-
-    def send(topic: str, key: str, value: bytes, ts_us: int) -> None:
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key, timestamp=ts_us // 1000, on_delivery=on_delivery)
-                return
-            except BufferError:  # local queue full: let librdkafka drain, then retry
-                producer.poll(0.05)
+    producer = BulkProducer(settings)
 
     options.labels_path.parent.mkdir(parents=True, exist_ok=True)
     sent = 0
     wall_start = time.monotonic()
     with options.labels_path.open("wb") as labels:
         for emit in sim.accounts():
-            send(settings.topic(emit.topic), emit.key, encode(emit.record), emit.ts_us)
+            producer.send(settings.topic(emit.topic), emit.key, encode(emit.record), emit.ts_us)
             sent += 1
         for tick in sim.ticks():
             for emit in tick.events:
-                send(settings.topic(emit.topic), emit.key, encode(emit.record), emit.ts_us)
+                producer.send(settings.topic(emit.topic), emit.key, encode(emit.record), emit.ts_us)
             sent += len(tick.events)
             labels.write(b"".join(encode_label(label) for label in tick.labels))
-            producer.poll(0)
+            producer.poll()
             if options.speed > 0:
                 due = wall_start + (tick.second + 1) / options.speed
                 delay = due - time.monotonic()
@@ -118,15 +92,10 @@ def simulate(
                     time.sleep(delay)
             if progress:
                 progress(min(tick.second + 1, plan.duration_s), plan.duration_s, sent)
-            if failures:
+            if producer.failed:
                 break
-        remaining = producer.flush(60)
+        producer.finish("the run is incomplete", hint=f"check the broker at {settings.kafka_bootstrap} and that "
+                                                       "topics exist (`supportlens topics create`)")
         summary = sim.summary()
-        if failures or remaining:
-            problem = failures[0] if failures else f"{remaining} records still unsent after 60 s"
-            raise UserError(
-                f"Kafka did not accept every record ({problem}); the run is incomplete",
-                hint=f"check the broker at {settings.kafka_bootstrap} and that topics exist (`supportlens topics create`)",
-            )
         labels.write(encode_label(summary))
     return summary

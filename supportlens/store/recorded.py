@@ -25,10 +25,9 @@ from typing import Any
 import msgspec
 from clickhouse_connect.driver.client import Client
 
-from supportlens.contracts import FaultReport, Network, Span
+from supportlens.contracts import DRILL_ATTRIBUTE, FaultReport, Network, Span
 from supportlens.store.lookup import MAX_LIMIT, MAX_SPAN_S, LookupInputError, check_key, check_limit
 
-DRILL_ATTRIBUTE = "supportlens.drill"  # set on every replayed record; the pipeline reads it
 ATTACHED_TO_REPORT = "attached_to_report"  # the gateway's mark on a client span a user sent with a report
 LOG_LOOKBACK_US = 3_600_000_000  # how far before a report its attached spans are searched
 MAX_LOG = 200  # spans of one client_log (the contract's limit)
