@@ -22,6 +22,7 @@ changelog-backed table, so a restarted worker continues where it stopped.
 from __future__ import annotations
 
 import itertools
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -119,10 +120,17 @@ class SurgeEngine:
             notifier.state = self.state.notices
         self.accounts: Mapping[str, Account] = accounts if accounts is not None else {}
         self._bucket_us = config.surge.bucket_s * 1_000_000
+        self._dirty: set[str] = set()
+
+    def take_dirty(self) -> set[str]:
+        """The dimension values changed since the last call (to store just those)."""
+        dirty, self._dirty = self._dirty, set()
+        return dirty
 
     # ---- inputs ---------------------------------------------------------------------------
     def on_count(self, signal: SignalCount) -> None:
         key = _key(signal.dimension, signal.value, signal.drill)
+        self._dirty.add(key)
         entry = self.state.keys.get(key)
         if entry is None:
             entry = self.state.keys[key] = KeyState(dimension=signal.dimension, value=signal.value, drill=signal.drill)
@@ -183,7 +191,11 @@ class SurgeEngine:
         if limit <= time.closed_until_us:
             return out
         surges: list[SurgeEvent] = []
-        for entry in entries:
+        for key, entry in self.state.keys.items():
+            if entry.drill != drill:
+                continue
+            if any(b < limit for b in entry.open) or (entry.detector is not None and entry.detector.surging):
+                self._dirty.add(key)  # _close changes exactly these
             surges += self._close(entry, limit)
         time.closed_until_us = limit
         surges.sort(key=lambda e: (e.at_us, e.phase != "start", e.dimension, e.value))
@@ -327,6 +339,7 @@ def _key(dimension: str, value: str, drill: bool) -> str:
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(EngineState)
+_key_decoder = msgspec.json.Decoder(KeyState)
 
 
 def dump_engine(state: EngineState) -> bytes:
@@ -335,3 +348,29 @@ def dump_engine(state: EngineState) -> bytes:
 
 def load_engine(data: bytes) -> EngineState:
     return _decoder.decode(data)
+
+
+# The worker keeps the state in a changelog-backed table as one record per dimension value
+# plus one for the rest, compressed: a single record grew past Kafka's 1 MB limit while a
+# worker caught up on a backlog (every value then holds many open buckets of user sketches).
+
+def pack_core(state: EngineState) -> bytes:
+    """Everything but the dimension values (the timelines, the incident book, the notices)."""
+    return zlib.compress(_encoder.encode(msgspec.structs.replace(state, keys={})), 1)
+
+
+def pack_key(entry: KeyState) -> bytes:
+    return zlib.compress(_encoder.encode(entry), 1)
+
+
+def unpack_state(core: bytes | None, keys: dict[str, bytes]) -> EngineState:
+    state = _decoder.decode(zlib.decompress(core)) if core is not None else EngineState()
+    state.keys = {key: _key_decoder.decode(zlib.decompress(value)) for key, value in keys.items()}
+    return state
+
+
+def slim(entry: KeyState) -> KeyState:
+    """The entry without the user and account detail of its open buckets (their counts stay):
+    the last resort when even one value's record would be too large to store."""
+    return msgspec.structs.replace(entry, open={b: msgspec.structs.replace(acc, users=[], active_users=[], accounts=[])
+                                                for b, acc in entry.open.items()})

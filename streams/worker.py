@@ -44,7 +44,7 @@ from supportlens.contracts import (
 )
 from supportlens.metrics import Metrics, process_metrics, serve_metrics
 from streams.catalog import Catalog
-from streams.detect import EngineConfig, Outputs, SurgeEngine, dump_engine, load_engine
+from streams.detect import EngineConfig, Outputs, SurgeEngine, pack_core, pack_key, slim, unpack_state
 from streams.accounts_cache import AccountsCache
 from streams.incidents import Policy
 from streams.notices import Notifier
@@ -73,7 +73,9 @@ BATCH_WAIT_S = 0.05
 MAX_EMITTED_IN_MEMORY = 200_000
 SIGNAL_FLUSH_S = 1.0
 LAG_EVERY_S = 5.0
-ENGINE_KEY = b"engine"
+ENGINE_KEY = b"engine"  # the incident book, notices and clocks; b"key:<dimension=value>" for each value
+KEY_PREFIX = b"key:"
+LARGEST_STATE_RECORD = 900_000  # under Kafka's default 1 MB record limit, with room for the envelope
 
 
 def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Policy, engine_config: EngineConfig,
@@ -296,19 +298,36 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
                     out.extend(engine.on_command(signal))
             # the state first, the outputs second: both are buffered in order and flushed
             # before the offsets are committed, so a crash repeats identical outputs at most
-            engine_table[ENGINE_KEY] = dump_engine(engine.state)
+            save_engine(engine)
             publish(out)
 
     def current_engine() -> SurgeEngine:
         if not engine_box:
-            stored = engine_table.get(ENGINE_KEY)
+            keys = {k[len(KEY_PREFIX):].decode(): v for k, v in engine_table.items()
+                    if k.startswith(KEY_PREFIX) and v is not None}
+            state = unpack_state(engine_table.get(ENGINE_KEY), keys)
             if not accounts_box:
                 accounts_box.append(AccountsCache(settings).start())
-            engine_box.append(SurgeEngine(engine_config, policy, catalog.team_of,
-                                          load_engine(stored) if stored is not None else None,
+            engine_box.append(SurgeEngine(engine_config, policy, catalog.team_of, state,
                                           notifier=notifier, accounts=accounts_box[0].accounts))
             show_incidents(engine_box[0])
         return engine_box[0]
+
+    def save_engine(engine: SurgeEngine) -> None:
+        """Store what changed: each changed dimension value in a record of its own, then the rest."""
+        for key in engine.take_dirty():
+            entry = engine.state.keys.get(key)
+            if entry is None:
+                continue
+            packed = pack_key(entry)
+            if len(packed) > LARGEST_STATE_RECORD:
+                # degrade, never crash: the counts survive a restart, this backlog's user detail does not
+                log.error("incidents: the state of %s is %d bytes compressed; storing it without the users of "
+                          "its %d open buckets", key, len(packed), len(entry.open))
+                metrics.incident_state_slimmed.inc()
+                packed = pack_key(slim(entry))
+            engine_table[KEY_PREFIX + key.encode()] = packed
+        engine_table[ENGINE_KEY] = pack_core(engine.state)
 
     @engine_table.on_recover
     async def reload_engine() -> None:

@@ -100,6 +100,11 @@ class Metrics:
             "incident_transitions", "Incident lifecycle events written, by transition.", ["transition"],
             namespace=ns, registry=registry,
         )
+        self.incident_state_slimmed = Counter(
+            "incident_state_slimmed", "Dimension values whose stored state was too large and was kept without the "
+            "users of its open buckets (counts survive; a backlog that large is worth a look).",
+            namespace=ns, registry=registry,
+        )
         self.notification_deliveries = Counter(
             "notification_deliveries", "Attempts to deliver a customer notification, by channel and outcome "
             "(delivered | failed | rate_limited | dead_lettered | skipped_drill | no_channel).", ["channel", "outcome"],

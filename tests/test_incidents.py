@@ -435,3 +435,22 @@ def test_a_drill_keeps_its_own_time_and_its_own_incidents():
         more.extend(engine.on_clock(clock("w1", t + 10), wall_s=0))
     [real] = [e for e in more.incidents if e.transition == "declared"]
     assert not real.drill and real.incident_id != declared[0].incident_id
+
+
+def test_the_stored_state_is_one_compressed_record_per_changed_value_and_restores_exactly():
+    """A single record grew past Kafka's 1 MB limit while a worker caught up on a backlog."""
+    from streams.detect import pack_core, pack_key, slim, unpack_state
+
+    engine = new_engine()
+    engine.on_count(count("service=payment", 0, 5, affected=200))
+    engine.on_count(count("region=eu-west", 0, 1))
+    assert engine.take_dirty() == {"service=payment", "region=eu-west"}
+    engine.on_clock(clock("w1", 10), wall_s=0)
+    assert engine.take_dirty() == {"service=payment", "region=eu-west"}  # both closed a bucket
+    engine.on_count(count("service=payment", 10, 5))
+    assert engine.take_dirty() == {"service=payment"} and engine.take_dirty() == set()
+    stored = {key: pack_key(entry) for key, entry in engine.state.keys.items()}
+    assert unpack_state(pack_core(engine.state), stored) == engine.state
+    payment = engine.state.keys["service=payment"]
+    assert sum(len(b.users) for b in slim(payment).open.values()) == 0
+    assert [b.failed for b in slim(payment).open.values()] == [b.failed for b in payment.open.values()]
