@@ -82,10 +82,12 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
                notifier: Notifier | None = None, metrics: Metrics | None = None) -> faust.App:
     """A Faust app wired to ``settings``; nothing runs until a worker starts it."""
     metrics = metrics or process_metrics()
+    (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
     app = faust.App(
         f"{settings.topic_prefix}worker",
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
+        datadir=str(settings.state_dir / "faust" / "{conf.id}"),  # not the current directory
         topic_partitions=settings.partitions,
         topic_replication_factor=settings.replication_factor,
         topic_allow_declare=True,
