@@ -37,6 +37,8 @@ from streams.surge import DetectorState, DistinctSketch, Reading, SurgeDetector,
 
 
 MAX_ACCOUNTS_PER_SURGE = 10_000
+RELATED_SHARE = 0.5  # a new surge whose users are mostly an incident's affected users joins it
+UNRELATED_SHARE = 0.1  # … hardly any of them: it does not, even within the merge window
 
 
 class OpenBucket(msgspec.Struct, kw_only=True):
@@ -200,12 +202,43 @@ class SurgeEngine:
         time.closed_until_us = limit
         surges.sort(key=lambda e: (e.at_us, e.phase != "start", e.dimension, e.value))
         for at_us, group in itertools.groupby(surges, key=lambda e: e.at_us):
-            batch = list(group)
+            batch = [self._relate(event) if event.phase == "start" else event for event in group]
             out.surges += batch
             out.incidents += self.book.on_time(at_us, drill)
             out.incidents += self.book.on_surges(batch)
         out.incidents += self.book.on_time(limit, drill)
         return self._with_notices(out)
+
+    def _relate(self, event: SurgeEvent) -> SurgeEvent:
+        """Compare a new surge's users with each live incident's affected users. Mostly theirs:
+        the same incident, even long after it started (a release whose users sit behind a
+        failing ISP surges once enough of them failed). Hardly any of theirs: another story,
+        even within the merge window."""
+        entry = self.state.keys.get(_key(event.dimension, event.value, event.drill))
+        if entry is None or not entry.surge_users:
+            return event
+        related, related_share, unrelated = "", RELATED_SHARE, []
+        for incident in self.book.state.incidents:
+            if incident.drill != event.drill or incident.state == "resolved":
+                continue
+            theirs: list[int] = []
+            for key in incident.surges:
+                other = self.state.keys.get(_key(*key.split("=", 1), event.drill))
+                if other is not None:
+                    theirs = self._merge(theirs, other.surge_users)
+            share = contained(entry.surge_users, theirs, self.config.sketch_k)
+            if share is None:
+                continue
+            if share >= related_share:
+                related, related_share = incident.incident_id, share
+            elif share < UNRELATED_SHARE:
+                unrelated.append(incident.incident_id)
+        attributes = dict(event.attributes)
+        if related:
+            attributes["related_incident"] = related
+        if unrelated:
+            attributes["unrelated_incidents"] = " ".join(unrelated)
+        return msgspec.structs.replace(event, attributes=attributes) if attributes != event.attributes else event
 
     # ---- customers ------------------------------------------------------------------------------
     def affected_accounts(self, incident_id: str) -> list[str]:
@@ -331,6 +364,19 @@ class SurgeEngine:
         if not a:
             return sorted(b)[: self.config.sketch_k]
         return sorted(set(a) | set(b))[: self.config.sketch_k]
+
+
+def contained(ours: list[int], theirs: list[int], k: int) -> float | None:
+    """Estimated share of our users among theirs, from two K-minimum-values sketches: compared
+    where their sketch is complete (below its largest kept hash); None when nothing compares."""
+    if not ours or not theirs:
+        return None
+    limit = max(theirs) if len(theirs) >= k else None
+    comparable = [h for h in ours if limit is None or h <= limit]
+    if not comparable:
+        return None
+    known = set(theirs)
+    return sum(h in known for h in comparable) / len(comparable)
 
 
 def _key(dimension: str, value: str, drill: bool) -> str:

@@ -287,22 +287,26 @@ class IncidentBook:
         return None
 
     def _group_for(self, event: SurgeEvent) -> Incident:
-        """The group a starting surge joins: a person's incident that names it, an incident in its
-        cool-down that it was part of, a group whose latest surge started within the merge window,
-        else a new group."""
+        """The group a starting surge joins: the incident whose users it mostly hits, a person's
+        incident that names it, an incident in its cool-down that it was part of, a group whose
+        latest surge started within the merge window, else a new group."""
         window_us = self.policy.merge.window_s * 1_000_000
         live = [i for i in self.state.incidents if i.state != "resolved"]
         key = f"{event.dimension}={event.value}"
+        related = event.attributes.get("related_incident")
         for incident in live:
+            if incident.incident_id == related:
+                return incident  # its users are mostly this incident's (see SurgeEngine._relate)
             if incident.manual_dimensions.get(event.dimension) == event.value and incident.drill == event.drill:
                 return incident
             if incident.state == "mitigated" and key in incident.surges and incident.drill == event.drill:
                 return incident  # the same failure coming back during the cool-down re-opens it
-        # Related: started within the window of the group's latest surge *start*: an outage shows
+        # Related: started within the window of the group's latest surge *start* (an outage shows
         # in its dimensions within a few buckets, while a surge starting long into one is another
-        # story. Drills never merge with real incidents.
+        # story), unless its users say otherwise. Drills never merge with real incidents.
+        unrelated = str(event.attributes.get("unrelated_incidents", "")).split()
         near = [i for i in live if not i.manual_dimensions and i.drill == event.drill
-                and event.started_at_us - i.last_join_us <= window_us]
+                and event.started_at_us - i.last_join_us <= window_us and i.incident_id not in unrelated]
         if near:
             return max(near, key=lambda i: i.last_join_us)
         digest = stable_digest(f"{'drill:' if event.drill else ''}{event.dimension}={event.value}:{event.started_at_us}")

@@ -454,3 +454,30 @@ def test_the_stored_state_is_one_compressed_record_per_changed_value_and_restore
     payment = engine.state.keys["service=payment"]
     assert sum(len(b.users) for b in slim(payment).open.values()) == 0
     assert [b.failed for b in slim(payment).open.values()] == [b.failed for b in payment.open.values()]
+
+
+def test_a_late_surge_whose_users_are_an_incidents_users_joins_it_an_unrelated_one_does_not():
+    """An ISP outage hits the few users of one app version too; that version surges minutes later."""
+    from streams.detect import contained
+
+    engine = new_engine()
+    out = Outputs()
+    isp_users = [f"u{i}" for i in range(400)]
+    for t in range(0, 300, 10):
+        failing = 60 if t >= 100 else 1  # the ISP fails from 100 s on
+        engine.on_count(SignalCount(source="w1", dimension="network", value="China Telecom", bucket_start_us=at(t),
+                                    failed=failing, users=users(*isp_users[:failing + t])))
+        if t == 200:  # the release's users: all behind that ISP
+            engine.on_count(SignalCount(source="w1", dimension="app_version", value="5.4.0", bucket_start_us=at(t),
+                                        failed=40, users=users(*isp_users[:40])))
+        if t == 250:  # somebody else's problem: users nobody saw before
+            engine.on_count(SignalCount(source="w1", dimension="service", value="payment", bucket_start_us=at(t),
+                                        failed=60, users=users(*(f"p{i}" for i in range(60)))))
+        out.extend(engine.on_clock(clock("w1", t + 10), wall_s=0))
+    declared = [e for e in out.incidents if e.transition == "declared"]
+    assert [e.root_key for e in declared] == ["network=China Telecom", "service=payment"]
+    joined = [e for e in out.incidents if e.transition == "updated" and "app_version=5.4.0" in e.reason]
+    assert joined and joined[0].incident_id == declared[0].incident_id
+    assert contained([1, 2, 3, 4], [1, 2, 3, 4, 5], k=256) == 1.0
+    assert contained([1, 2, 10, 11], [1, 2, 3, 4], k=4) == 1.0  # 10, 11 lie beyond a full sketch: not compared
+    assert contained([7, 8], [1, 2], k=256) == 0.0 and contained([], [1], k=256) is None
