@@ -169,6 +169,7 @@ class DetectorState(msgspec.Struct):
     surging: bool = False
     surge_started_us: int | None = None
     quiet_run: int = 0  # consecutive quiet buckets while surging
+    last_score: float = 0.0  # of the previous bucket while surging (the end is debounced)
 
 
 def surge_score(count: float, expected: float, params: SurgeParams) -> float:
@@ -309,13 +310,18 @@ class SurgeDetector:
     def _advance(self, bucket_start_us: int, count: float, score: float) -> Phase:
         s, p = self._state, self._params
         if s.surging:
-            s.quiet_run = s.quiet_run + 1 if score < p.end_score else 0
+            # Quiet is judged on the mean score of this bucket and the one before: one noisy
+            # bucket after an outage (a Poisson tail) does not restart the count to its end;
+            # a bucket that would start a surge on its own always does.
+            quiet = (score + s.last_score) / 2 < p.end_score and score < p.start_score
+            s.quiet_run = s.quiet_run + 1 if quiet else 0
+            s.last_score = score
             if s.quiet_run < p.end_quiet_buckets:
                 return "update"
             s.surging, s.surge_started_us, s.quiet_run = False, None, 0
             return "end"
         if s.buckets_seen >= p.warmup_buckets and count >= p.min_count and score >= p.start_score:
-            s.surging, s.surge_started_us, s.quiet_run = True, bucket_start_us, 0
+            s.surging, s.surge_started_us, s.quiet_run, s.last_score = True, bucket_start_us, 0, score
             return "start"
         return "quiet"
 

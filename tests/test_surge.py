@@ -268,3 +268,15 @@ def test_a_wobble_on_a_huge_baseline_scores_zero():
 def test_inconsistent_parameters_are_refused_with_their_names():
     with pytest.raises(ValueError, match="end_score ≤ start_score"):
         SurgeParams(start_score=0.5, end_score=0.7)
+
+
+def test_one_noisy_bucket_on_the_way_down_does_not_restart_the_end_of_a_surge():
+    """After an outage a single Poisson-tail bucket (above the quiet line, far below a start)
+    must not push the end — and so the incident's resolution — a whole quiet run later."""
+    quiet_run = PARAMS.end_quiet_buckets
+    counts = [5] * (2 * HOUR) + [100] * 5 + [5] * 2 + [14] + [5] * quiet_run
+    readings = feed(counts)[2 * HOUR:]
+    spike = readings[5 + 2]
+    assert PARAMS.end_score <= spike.score < PARAMS.start_score, spike.score
+    ends = [i for i, r in enumerate(readings) if r.phase == "end"]
+    assert ends == [5 + quiet_run - 1], [r.phase for r in readings]
