@@ -11,28 +11,24 @@ receiver, signed. Both receivers are aiohttp on loopback and verify every signat
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import json
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from aiohttp import web
 from pydantic import SecretStr
 
 from conftest import subprocess_dsn
 from helpers import free_port, settings_env, supportlens_cmd
+from webhook_receiver import Received, WebhookReceiver
 from sinks.notifications import READY_LINE as NOTIFY_READY
-from sinks.signing import verify_signature
 from supportlens.config import Settings, load_settings
 from supportlens.contracts import DeliveryAttempt, IncidentEvent, Notification, decode
 from supportlens.serve import READY_LINE as SERVE_READY
@@ -54,65 +50,6 @@ T = TypeVar("T")
 
 
 # -- webhook receivers -------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    signature_ok: bool
-
-    @property
-    def payload(self) -> dict:
-        return json.loads(self.body)
-
-
-class Receiver:
-    """An aiohttp webhook endpoint on 127.0.0.1 in a thread of its own: answers 200 to a request
-    signed with SECRET (401 otherwise) and keeps every request, with whether it verified."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self._received: list[Received] = []
-        self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=f"receiver-{self.port}", daemon=True)
-        self._runner: web.AppRunner | None = None
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    @property
-    def received(self) -> list[Received]:
-        with self._lock:
-            return list(self._received)
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        ok = verify_signature(SECRET, request.headers.get("X-Supportlens-Signature", ""), body, now=time.time())
-        with self._lock:
-            self._received.append(Received(request.path, dict(request.headers), body, ok))
-        return web.Response(status=200 if ok else 401)
-
-    async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    def __enter__(self) -> "Receiver":
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
 
 # -- real processes --------------------------------------------------------------------------
 
@@ -178,7 +115,7 @@ def final_outcomes(settings: Settings) -> dict[str, list[DeliveryAttempt]]:
     return {nid: a for nid, a in attempts.items() if any(x.outcome in FINAL for x in a)}
 
 
-def import_vip_accounts(settings: Settings, customer: Receiver, path: Path) -> set[str]:
+def import_vip_accounts(settings: Settings, customer: WebhookReceiver, path: Path) -> set[str]:
     """Every VIP account of the simulated world gets a webhook on CUSTOMER, through the CLI."""
     vips = sorted((a for a in build_world(SEED, USERS).accounts if a.tier == "vip"), key=lambda a: a.account_id)
     with path.open("w", newline="", encoding="utf-8") as handle:
@@ -212,7 +149,7 @@ def test_a_drill_of_a_recorded_incident_declares_a_drill_incident_and_messages_n
     )
     provision(settings)
     remote = RemoteSupport(settings.support_url)
-    with Receiver() as customer, Receiver() as drill_hook:
+    with WebhookReceiver(SECRET) as customer, WebhookReceiver(SECRET) as drill_hook:
         delivery = settings.model_copy(update=dict(
             notify_webhook_secret=SecretStr(SECRET), drill_webhook_url=drill_hook.url("/drills"),
             notify_backoff_first_s=0.2, notify_backoff_max_s=0.5, notify_metrics_port=0,

@@ -4,7 +4,6 @@ letters, drills, rate limits, e-mail in Chinese, and a delivery process killed m
 
 from __future__ import annotations
 
-import asyncio
 import email
 import gc
 import email.policy
@@ -17,19 +16,17 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from aiosmtpd.controller import Controller
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from helpers import free_port, settings_env, supportlens_cmd
+from webhook_receiver import WebhookReceiver
 from sinks.notifications import READY_LINE, NotificationDelivery
-from sinks.signing import verify_signature
 from supportlens.config import Settings
 from supportlens.contracts import DeliveryAttempt, Notification, decode, encode
 from supportlens.metrics import Metrics
@@ -42,70 +39,9 @@ BODY_ZH = "尊敬的客户：\n自 08:00 起，华东地区部分支付请求失
 
 # -- a real webhook receiver -------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Received:
-    path: str
-    headers: dict[str, str]
-    body: bytes
-    signature_ok: bool
-
-
-class WebhookReceiver:
-    """aiohttp on 127.0.0.1 in a thread of its own. Each path answers the statuses of its plan in
-    order, repeating the last; every request is kept with whether its signature verified."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.received: list[Received] = []
-        self.plans: dict[str, list[int]] = {}
-        self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="webhook-receiver", daemon=True)
-        self._runner: web.AppRunner | None = None
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def plan(self, path: str, *statuses: int) -> None:
-        with self._lock:
-            self.plans[path] = list(statuses)
-
-    def at(self, path: str) -> list[Received]:
-        with self._lock:
-            return [r for r in self.received if r.path == path]
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        ok = verify_signature(SECRET, request.headers.get("X-Supportlens-Signature", ""), body, now=time.time())
-        with self._lock:
-            self.received.append(Received(request.path, dict(request.headers), body, ok))
-            plan = self.plans.get(request.path, [200])
-            status = plan.pop(0) if len(plan) > 1 else plan[0]
-        return web.Response(status=status if ok else 401, text="thanks" if status < 300 else "not now")
-
-    async def _start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    def __enter__(self) -> "WebhookReceiver":
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        assert self._runner is not None
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-
 @pytest.fixture
 def receiver() -> Iterator[WebhookReceiver]:
-    with WebhookReceiver() as r:
+    with WebhookReceiver(SECRET) as r:
         yield r
 
 
