@@ -52,34 +52,31 @@ def problem_classes() -> Panel:
     ))
 
 
-def requests_by_class() -> Panel:
+def _by_class(title: str, description: str, column: str, stacked: bool) -> Panel:
+    """One line per diagnosis class of a distinct count the trends table keeps (requests or users)."""
     return timeseries(
-        "Failed requests by diagnosis class",
-        "Distinct failed requests per interval, one line per diagnosis class.",
+        title,
+        description,
         Sql(f"""
-            SELECT $__timeInterval(minute) AS time, diagnosis_class, uniqMerge(requests) AS requests
+            SELECT $__timeInterval(minute) AS time, diagnosis_class, uniqMerge({column}) AS {column}
             FROM problem_trends
             WHERE {FILTERS} AND diagnosis_class != 'ok'
             GROUP BY time, diagnosis_class
             ORDER BY time, diagnosis_class
-        """, ("time", "diagnosis_class", "requests"), time_series=True),
-        stacked=True, width=12,
+        """, ("time", "diagnosis_class", column), time_series=True),
+        **({"stacked": True} if stacked else {}), width=12,
     )
+
+
+def requests_by_class() -> Panel:
+    return _by_class("Failed requests by diagnosis class",
+                     "Distinct failed requests per interval, one line per diagnosis class.", "requests", stacked=True)
 
 
 def users_by_class() -> Panel:
-    return timeseries(
-        "Affected users by diagnosis class",
-        "Distinct users per interval whose requests failed, one line per diagnosis class.",
-        Sql(f"""
-            SELECT $__timeInterval(minute) AS time, diagnosis_class, uniqMerge(users) AS users
-            FROM problem_trends
-            WHERE {FILTERS} AND diagnosis_class != 'ok'
-            GROUP BY time, diagnosis_class
-            ORDER BY time, diagnosis_class
-        """, ("time", "diagnosis_class", "users"), time_series=True),
-        width=12,
-    )
+    return _by_class("Affected users by diagnosis class",
+                     "Distinct users per interval whose requests failed, one line per diagnosis class.", "users",
+                     stacked=False)
 
 
 def _top_by(title: str, description: str, keys: tuple[str, ...], select: str) -> Panel:
