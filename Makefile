@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: venv demo test bench kafka-start kafka-stop kafka-status services clean
+.PHONY: venv demo test bench chaos soak kafka-start kafka-stop kafka-status services clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ bench: venv kafka-start
 	$(BIN)/python bench/correlation.py
 	$(BIN)/python bench/clickhouse.py
 	$(BIN)/python bench/incidents.py
+
+# Every fault-injection scenario at full length: broker down 30 s, ClickHouse refusing 60 s, kills.
+chaos: venv services
+	$(BIN)/python -m pytest -m chaos --chaos-full
+
+# 30 minutes at a fixed rate: memory over time, consumer lag, end-to-end latency.
+soak: venv kafka-start
+	$(BIN)/python bench/soak.py --minutes 30
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

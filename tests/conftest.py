@@ -33,6 +33,28 @@ ROOT = Path(__file__).resolve().parent.parent
 KAFKA_SCRIPT = ROOT / "deploy" / "local" / "kafka.sh"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--chaos-full", action="store_true",
+        help="run fault-injection tests with their full fault lengths (`make chaos`); CI runs short ones",
+    )
+
+
+@dataclass(frozen=True)
+class FaultLengths:
+    """How long each injected fault lasts: the issue's lengths under `make chaos`, shorter in CI."""
+
+    broker_down_s: float
+    clickhouse_refusing_s: float
+
+
+@pytest.fixture(scope="session")
+def fault_lengths(request: pytest.FixtureRequest) -> FaultLengths:
+    if request.config.getoption("--chaos-full"):
+        return FaultLengths(broker_down_s=30.0, clickhouse_refusing_s=60.0)
+    return FaultLengths(broker_down_s=10.0, clickhouse_refusing_s=15.0)
+
+
 @dataclass(frozen=True)
 class Broker:
     bootstrap: str
