@@ -11,8 +11,11 @@ MAX_REASON_BYTES = 1024
 
 
 def dead_letter_headers(reason: str, topic: str, partition: int, offset: int) -> dict[str, bytes]:
+    """The headers of a dead letter; ``reason`` is cut to :data:`MAX_REASON_BYTES` of UTF-8,
+    at a character boundary, so every consumer can decode it."""
+    cut = reason.encode("utf-8")[:MAX_REASON_BYTES].decode("utf-8", "ignore")
     return {
-        "reason": reason.encode("utf-8")[:MAX_REASON_BYTES],
+        "reason": cut.encode("utf-8"),
         "source_topic": topic.encode(),
         "source_partition": str(partition).encode(),
         "source_offset": str(offset).encode(),

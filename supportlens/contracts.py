@@ -22,7 +22,8 @@ SCHEMA_VERSION = 1
 
 # Limits keep one hostile record from costing memory downstream; they are generous
 # for real traffic (an OTel attribute value rarely exceeds a few hundred bytes).
-Id = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
+# Patterns end in \Z, not $: $ also matches before a final line break ("id\n").
+Id = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+\Z")]
 OptionalId = Annotated[str, Meta(max_length=128)]
 Name = Annotated[str, Meta(max_length=256)]
 Text = Annotated[str, Meta(max_length=4096)]
@@ -151,7 +152,7 @@ class BehaviourEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
 
 class Contact(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     name: Name = ""
-    email: Annotated[str, Meta(max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]
+    email: Annotated[str, Meta(max_length=320, pattern=r"^[^@\s]+@[^@\s]+\Z")]
 
 
 class Account(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -162,7 +163,7 @@ class Account(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, for
     tier: Tier = "standard"
     locale: Locale = "en"
     channel: Channel = "none"
-    webhook_url: Annotated[str, Meta(max_length=2048, pattern=r"^(https?://\S+)?$")] = ""
+    webhook_url: Annotated[str, Meta(max_length=2048, pattern=r"^(https?://\S+)?\Z")] = ""
     contacts: Annotated[list[Contact], Meta(max_length=20)] = []
     attributes: Attributes = {}
     schema_version: int = SCHEMA_VERSION
@@ -435,6 +436,8 @@ def decode_signal(data: bytes, max_bytes: int = 1_048_576) -> Signal:
         return _signal_decoder.decode(data)
     except msgspec.DecodeError as exc:
         raise InvalidRecord("signal", explain(str(exc))) from None
+    except UNREADABLE as exc:
+        raise InvalidRecord("signal", why_unreadable(exc)) from None
 
 
 Record = (Span | FaultReport | BehaviourEvent | Account | CorrelatedRequest | DiagnosedReport | SurgeEvent
@@ -481,28 +484,48 @@ def decode(data: bytes, record_type: type[R], max_bytes: int = 1_048_576) -> R:
         message = str(exc)
         if not message.startswith("Object contains unknown field"):
             raise InvalidRecord(kind, explain(message)) from None
+    except UNREADABLE as exc:
+        raise InvalidRecord(kind, why_unreadable(exc)) from None
     # Slow path, only for records that carry fields this version does not know.
     try:
         raw = _raw_decoder.decode(data)
+        return _convert_keeping_unknown(raw, record_type, kind)
     except msgspec.DecodeError as exc:  # pragma: no cover - the strict pass already parsed it
         raise InvalidRecord(kind, explain(str(exc))) from None
-    return _convert_keeping_unknown(raw, record_type, kind)
+    except UNREADABLE as exc:  # an unknown field's value nested deeper than the stack goes
+        raise InvalidRecord(kind, why_unreadable(exc)) from None
 
 
 def _convert_keeping_unknown(raw: dict[str, Any], record_type: type[R], kind: str) -> R:
     known = set(record_type.__struct_fields__)
     extras = {key: raw.pop(key) for key in list(raw) if key not in known}
-    attributes = raw.get("attributes")
-    if not isinstance(attributes, dict):
-        attributes = {}
-    merged = dict(attributes)
-    for key, value in extras.items():
-        merged.setdefault(key, value if isinstance(value, (str, int, float, bool)) else _encoder.encode(value).decode())
-    raw["attributes"] = merged
+    if extras and "attributes" not in known:
+        raise InvalidRecord(kind, f"field `{next(iter(extras))[:128]}` is not part of a {kind}")
+    attributes = raw.get("attributes", {})
+    # Not an object: left for the contract to reject. Replacing it would accept the record
+    # or not depending on whether an unknown field came before it.
+    if isinstance(attributes, dict):
+        merged = dict(attributes)
+        for key, value in extras.items():
+            merged.setdefault(key, value if isinstance(value, (str, int, float, bool))
+                              else _encoder.encode(value).decode())
+        raw["attributes"] = merged
     try:
         return msgspec.convert(raw, record_type)
     except msgspec.ValidationError as exc:
         raise InvalidRecord(kind, explain(str(exc))) from None
+
+
+# Besides DecodeError, msgspec raises these on hostile JSON: bytes that are not UTF-8 in an
+# object key, and arrays or objects nested deeper than the interpreter's stack.
+UNREADABLE = (UnicodeDecodeError, RecursionError)
+
+
+def why_unreadable(exc: BaseException) -> str:
+    """The reason for one of :data:`UNREADABLE`, in a person's words."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply (arrays and objects inside each other)"
+    return "not valid JSON (it holds bytes that are not UTF-8 text)"
 
 
 def explain(message: str) -> str:

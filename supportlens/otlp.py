@@ -9,13 +9,14 @@ broken span never costs its neighbours.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from supportlens.contracts import InvalidRecord, Network, Side, Span, explain
+from supportlens.contracts import InvalidRecord, Side, Span, explain
 
 # Semantic-convention keys (old and new names) mapped onto span fields.
 _HTTP_STATUS_KEYS = ("http.response.status_code", "http.status_code")
@@ -57,9 +58,12 @@ def any_value(value: Any) -> Any:
         return None
     kind, inner = next(iter(value.items()))
     if kind == "intValue":
-        return int(inner)
+        return _integer(inner, "intValue")
     if kind == "doubleValue":
-        return float(inner)
+        try:
+            return float(inner)
+        except (TypeError, ValueError):
+            raise ValueError(f"`doubleValue` is not a number: {str(inner)[:40]!r}") from None
     if kind in ("stringValue", "boolValue", "bytesValue"):
         return inner
     if kind == "arrayValue":
@@ -82,19 +86,27 @@ def _first(attrs: Mapping[str, Any], keys: Iterable[str]) -> Any:
 
 
 def _scalar(value: Any) -> str | int | float | bool:
+    if isinstance(value, float) and not math.isfinite(value):
+        # JSON has no NaN or infinity (an encoder writes null): kept as OTLP/JSON spells them
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
     if isinstance(value, (str, int, float, bool)):
         return value
     return msgspec.json.encode(value).decode()
+
+
+def _integer(value: Any, what: str) -> int:
+    """An OTLP integer: a JSON number or, as OTLP/JSON writes 64-bit ones, a decimal string."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"`{what}` is not an integer: {str(value)[:40]!r}") from None
 
 
 def _nanos(span: Mapping[str, Any], key: str) -> int:
     raw = span.get(key)
     if raw is None:
         raise ValueError(f"missing `{key}`")
-    try:
-        return int(raw)
-    except (TypeError, ValueError):
-        raise ValueError(f"`{key}` is not an integer: {str(raw)[:40]!r}") from None
+    return _integer(raw, key)
 
 
 def normalize_span(
@@ -127,12 +139,15 @@ def normalize_span(
         raise ValueError("`endTimeUnixNano` is before `startTimeUnixNano`")
     status = span.get("status") or {}
     http_status = _first(attrs, _HTTP_STATUS_KEYS)
-    http_status = int(http_status) if isinstance(http_status, (int, str)) and str(http_status).isdigit() else None
+    # isdecimal, not isdigit: "²" is a digit that int() cannot read
+    http_status = int(http_status) if isinstance(http_status, (int, str)) and str(http_status).isdecimal() else None
     is_error = status.get("code") in _STATUS_ERROR or (http_status is not None and http_status >= 500)
     isp, asn, connection = _first(merged, _ISP_KEYS), _first(merged, _ASN_KEYS), _first(merged, _CONNECTION_KEYS)
     network = None
     if isp or asn or connection:
-        network = Network(isp=str(isp or ""), asn=int(asn or 0), connection_type=str(connection or ""))
+        # a dict, not a Network: msgspec.convert validates a dict, it takes a struct as it is
+        network = {"isp": str(isp or ""), "asn": _integer(asn or 0, "network.asn"),
+                   "connection_type": str(connection or "")}
     declared_side = merged.get("supportlens.side")
     final_side = declared_side if declared_side in ("client", "server") else side
     extra = {k: _scalar(v) for k, v in merged.items() if k not in _CONSUMED and k not in rule.attributes}

@@ -161,3 +161,18 @@ def settings(kafka: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         partitions=3,
         state_dir=tmp_path / "state",
     )
+
+
+# --- fuzzing totals (issue #8) -----------------------------------------------------------
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """``fuzz: N generated cases over T targets, F failures`` when fuzz tests ran (CI greps it)."""
+    import fuzzing
+
+    if not fuzzing.CASES:
+        return
+    failed = [report for kind in ("failed", "error") for report in terminalreporter.stats.get(kind, [])
+              if fuzzing.is_fuzz_test(report.nodeid)]
+    terminalreporter.write_sep("-", "fuzzing")
+    terminalreporter.write_line(fuzzing.summary_line(len(failed)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import msgspec
 import pytest
@@ -11,11 +12,14 @@ from supportlens.contracts import (
     Account,
     BehaviourEvent,
     Contact,
+    CorrelatedRequest,
+    Diagnosis,
     FaultReport,
     InvalidRecord,
     Network,
     Span,
     decode,
+    decode_signal,
     encode,
 )
 
@@ -157,3 +161,52 @@ def test_unknown_fields_are_kept_in_attributes_not_dropped():
 def test_unknown_fields_do_not_smuggle_invalid_known_fields_through():
     with pytest.raises(InvalidRecord, match="field `start_us`"):
         decode(_span_json(start_us="x", device_model="Pixel"), Span)
+
+
+# --- found by fuzzing (tests/test_fuzz_decoders.py) -----------------------------------------
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    # msgspec raised UnicodeDecodeError and RecursionError, not DecodeError: they crashed the worker's agent
+    (b'{"\x80": 1}', "not valid JSON (it holds bytes that are not UTF-8 text)"),
+    (_span_json()[:-1] + b', "extra": ' + DEEP + b"}", "nested too deeply (arrays and objects inside each other)"),
+])
+def test_json_the_decoder_cannot_read_is_an_invalid_record_not_a_crash(data, expected):
+    for record_type in (Span, FaultReport):
+        with pytest.raises(InvalidRecord) as caught:
+            decode(data, record_type)
+        assert caught.value.reason == expected
+
+
+def test_a_signal_with_bytes_that_are_not_utf8_is_an_invalid_record_not_a_crash():
+    with pytest.raises(InvalidRecord, match="not valid JSON \\(it holds bytes that are not UTF-8 text\\)"):
+        decode_signal(b'{"kind": "clock", "\x80": 1}')
+
+
+def test_attributes_that_are_not_an_object_are_rejected_whatever_the_order_of_fields():
+    # an unknown field before `attributes` used to replace them with {} and accept the record
+    first = _span_json()[:-1] + b', "device": "Pixel", "attributes": "x"}'
+    last = b'{"attributes": "x", "device": "Pixel", ' + _span_json()[1:].replace(b'"attributes"', b'"other"', 1)
+    for data in (first, last):
+        with pytest.raises(InvalidRecord, match="field `attributes`: expected `object`, got `str`"):
+            decode(data, Span)
+
+
+def test_an_unknown_field_of_a_record_without_attributes_is_named():
+    record = CorrelatedRequest(request_id="r1", start_us=1, diagnosis=Diagnosis(cls="ok"))
+    with pytest.raises(InvalidRecord) as caught:
+        decode(_json_with(record, colour="red"), CorrelatedRequest)
+    assert caught.value.reason == "field `colour` is not part of a correlated request"  # was: `attributes`
+
+
+@pytest.mark.parametrize(("record_type", "base", "changes", "field"), [
+    (Span, SPAN, {"request_id": "r-1\n"}, "request_id"),
+    (Account, ACCOUNT, {"contacts": [{"email": "ops@example.com\n"}]}, "contacts[0].email"),
+    (Account, ACCOUNT, {"webhook_url": "https://hooks.example.com/x\n"}, "webhook_url"),
+])
+def test_a_value_with_a_trailing_line_break_does_not_match_a_pattern(record_type, base, changes, field):
+    # `$` matched before a final "\n": ids and addresses ended in a line break
+    with pytest.raises(InvalidRecord, match=f"field `{re.escape(field)}`"):
+        decode(_json_with(base, **changes), record_type)

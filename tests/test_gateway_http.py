@@ -277,6 +277,9 @@ assert len(BOMB) < LIMIT
     ("POST", "/v1/traces", b"{}", {**JSON, "Content-Encoding": "gzip"}, 400, "body is not valid gzip data"),
     ("POST", "/v1/traces", b"{}", {**JSON, "Content-Encoding": "zstd"}, 415,
      "Content-Encoding 'zstd' is not supported"),
+    # found by fuzzing: both were answered 500
+    ("POST", "/v1/traces", b'{"\x80": 1}', JSON, 400, "body is not valid JSON (it holds bytes that are not UTF-8"),
+    ("POST", "/v1/traces", b"[" * 2000 + b"]" * 2000, JSON, 400, "body is nested too deeply"),
     ("GET", "/v1/traces", None, {}, 405, "method GET is not allowed on /v1/traces; use POST"),
     # reports
     ("POST", "/v1/reports", b"{broken", JSON, 400, "body is not valid JSON"),

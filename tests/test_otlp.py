@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from supportlens.contracts import Span, decode, encode
 from supportlens.otlp import RequestIdRule, normalize_request
 
 RULE = RequestIdRule(attributes=("http.request_id", "x-request-id"))
@@ -133,3 +136,52 @@ def test_a_span_declared_server_side_never_carries_the_callers_address():
     resource = {"service.name": "payment", "supportlens.side": "server"}
     (span,) = normalize_request(_payload(_span(), resource=resource), RULE, side="client", client_ip="203.0.113.9").spans
     assert (span.side, span.client_ip) == ("server", "")
+
+
+# --- found by fuzzing (tests/test_fuzz_decoders.py) -----------------------------------------
+
+
+def _with_attributes(*attributes):
+    span = _span()
+    return _payload(dict(span, attributes=span["attributes"] + list(attributes)))
+
+
+def test_doubles_json_cannot_hold_are_kept_as_otlp_spells_them():
+    # NaN and the infinities were stored as floats, which JSON writes as null: every reader rejected the span
+    (span,) = normalize_request(_with_attributes(
+        {"key": "ratio", "value": {"doubleValue": "NaN"}},
+        {"key": "ceiling", "value": {"doubleValue": "Infinity"}},
+        {"key": "floor", "value": {"doubleValue": "-Infinity"}},
+    ), RULE, side="server").spans
+    assert (span.attributes["ratio"], span.attributes["ceiling"], span.attributes["floor"]) == (
+        "NaN", "Infinity", "-Infinity")
+    assert decode(encode(span), Span) == span
+
+
+@pytest.mark.parametrize(("asn", "expected"), [
+    ({"intValue": "-5"}, "field `network.asn`: expected `int` >= 0"),  # was stored, then dead-lettered
+    ({"doubleValue": "Infinity"}, "`network.asn` is not an integer: 'inf'"),  # was an OverflowError: a 500
+    ({"stringValue": "AS3215"}, "`network.asn` is not an integer: 'AS3215'"),  # was Python's own words
+])
+def test_a_network_the_contract_rejects_rejects_the_span_in_words(asn, expected):
+    result = normalize_request(_with_attributes({"key": "network.asn", "value": asn}), RULE, side="server")
+    assert result.spans == []
+    (reason,) = result.rejected
+    assert reason == f"resourceSpans[0].scopeSpans[0].spans[0]: {expected}"
+
+
+def test_a_network_name_over_the_contracts_limit_rejects_the_span():
+    payload = _with_attributes({"key": "network.carrier.name", "value": {"stringValue": "x" * 300}})
+    (reason,) = normalize_request(payload, RULE, side="server").rejected
+    assert reason.endswith("field `network.isp`: expected `str` of length <= 256")
+
+
+def test_numbers_int_cannot_read_are_rejected_in_words():
+    for value, expected in [({"intValue": "abc"}, "`intValue` is not an integer: 'abc'"),
+                            ({"doubleValue": "abc"}, "`doubleValue` is not a number: 'abc'")]:
+        (reason,) = normalize_request(_with_attributes({"key": "k", "value": value}), RULE, side="server").rejected
+        assert reason.endswith(expected)
+    # "²" is a digit int() cannot read: an unreadable status is no status, not a rejection
+    span = _span(attributes=[_attr("http.request_id", "req-42"), _attr("http.response.status_code", "²")])
+    (normalized,) = normalize_request(_payload(span), RULE, side="server").spans
+    assert normalized.http_status is None
