@@ -6,8 +6,9 @@ name these series (Counters gain ``_total`` on the wire).
 
 Label cardinality is bounded by construction: ``topic`` and ``table`` are our own
 logical names, ``component`` one of :data:`COMPONENTS`, surge ``value`` one of the
-bounded set the surge detector tracks per dimension, and per-incident series exist only
-while that incident is open.
+bounded set the surge detector tracks per dimension, per-incident series exist only
+while that incident is open, and a gateway's ``app`` is one of the apps of its keys file
+or ``(unknown)``. No label or log line ever holds an API key.
 """
 
 from __future__ import annotations
@@ -104,6 +105,11 @@ class Metrics:
             "incident_state_slimmed", "Dimension values whose stored state was too large and was kept without the "
             "users of its open buckets (counts survive; a backlog that large is worth a look).",
             namespace=ns, registry=registry,
+        )
+        self.gateway_requests_refused = Counter(
+            "gateway_requests_refused", "Requests the gateway refused before reading them, by client app and reason "
+            "(unauthenticated: no API key or an unknown one, app \"(unknown)\"; rate_limited: over the app's rate, "
+            "answered 429 with Retry-After).", ["app", "reason"], namespace=ns, registry=registry,
         )
         self.notification_deliveries = Counter(
             "notification_deliveries", "Attempts to deliver a customer notification, by channel and outcome "

@@ -28,6 +28,7 @@ from supportlens.gateway.ingest import (
     decompress_body,
     span_records,
 )
+from supportlens.gateway.receipts import ReportReceipts
 from supportlens.gateway.status import ReportBook, diagnosis_view
 from supportlens.otlp import RequestIdRule
 
@@ -203,7 +204,7 @@ def test_rejected_spans_keep_their_paths_when_resources_before_them_are_withheld
     assert [(s.request_id, s.client_ip) for s in batch.spans] == [("b", "203.0.113.0")]
     assert batch.reasons == [
         "resourceSpans[2]: `resource` is not an object",
-        "resourceSpans[4]: `resource.attributes`: invalid literal for int() with base 10: 'abc'",
+        "resourceSpans[4]: `resource.attributes`: `intValue` is not an integer: 'abc'",
         "resourceSpans[1].scopeSpans[0].spans[1]: missing `startTimeUnixNano`",
         "resourceSpans[3]: not an object",
     ]
@@ -263,6 +264,27 @@ def test_the_gateway_sets_time_and_address_and_attaches_the_client_log():
 
 def test_a_client_chosen_report_id_is_kept_so_a_retry_is_the_same_report():
     assert _accept(_report_body(report_id="mine-1")).report.report_id == "mine-1"
+
+
+def test_a_retried_report_keeps_the_time_and_address_of_its_first_attempt_so_it_is_the_same_row():
+    # Kafka may store an attempt the gateway answered 503 (a broker that stalled past the delivery
+    # timeout); the retry must then be the same row: fault_reports is keyed by (client_ip, received_at, id)
+    receipts = ReportReceipts(capacity=2)
+
+    def attempt(report_id, at_us, ip, body=None):
+        return accept_fault_report(body or _report_body(report_id=report_id), received_at_us=at_us, client_ip=ip,
+                                   new_report_id=lambda: "new-id", policy=ClientAddressPolicy(), max_bytes=1_048_576,
+                                   first_receipt=receipts.first).report
+
+    first = attempt("mine-1", 100, "203.0.113.7")
+    retry = attempt("mine-1", 900, "198.51.100.4")  # later, and from the user's other network
+    assert (retry.received_at_us, retry.client_ip) == (first.received_at_us, first.client_ip) == (100, "203.0.113.7")
+    assert contracts.encode(retry) == contracts.encode(first)
+    unnamed = attempt("", 950, "203.0.113.7", _report_body())  # the gateway's own ids are never retried
+    assert (unnamed.report_id, unnamed.received_at_us) == ("new-id", 950)
+    attempt("mine-2", 1000, "203.0.113.7")
+    attempt("mine-3", 1100, "203.0.113.7")  # over capacity: the oldest id is forgotten
+    assert attempt("mine-1", 1200, "203.0.113.7").received_at_us == 1200
 
 
 @pytest.mark.parametrize("body, message", [
@@ -342,3 +364,52 @@ def test_the_book_forgets_the_least_recently_used_beyond_its_capacity():
     book.lookup("a")
     book.accepted("c")
     assert [book.lookup(r) for r in ("a", "b", "c")] == ["pending", None, "pending"]
+
+
+# --- found by fuzzing (tests/test_fuzz_decoders.py, tests/test_fuzz_gateway.py) ----------------
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"\x80": 1}', "body is not valid JSON (it holds bytes that are not UTF-8 text)"),  # was a 500
+    (b"[" * 100_000 + b"]" * 100_000, "body is nested too deeply (arrays and objects inside each other)"),
+])
+def test_json_bodies_the_decoder_cannot_read_are_400_not_500(body, message):
+    for decode_body in (lambda b: decode_behaviour(b, 1_048_576),
+                        lambda b: otlp_wire.decode_export_request(b, otlp_wire.Encoding.JSON)):
+        with pytest.raises(RequestRejected) as caught:
+            decode_body(body)
+        assert (caught.value.status, caught.value.message) == (400, message)
+
+
+def _quoted_attribute_span(size: int) -> dict:
+    # a nested attribute value becomes JSON text in the stored span: every quote in it grows
+    quotes = {"key": "quotes", "value": {"arrayValue": {"values": [{"stringValue": '"' * size}]}}}
+    return _otlp_span(attributes=[*_attrs(http__request_id="req-1"), quotes])
+
+
+def test_a_span_larger_once_normalized_than_the_limit_is_rejected_not_stored():
+    payload = {"resourceSpans": [_resource([_otlp_span("req-0"), _quoted_attribute_span(2000)],
+                                           supportlens__side="server")]}
+    assert len(msgspec.json.encode(payload)) < 8192
+    batch = accept_spans(payload, RULE, "", ClientAddressPolicy(), max_bytes=8192)
+    assert [s.request_id for s in batch.spans] == ["req-0"]
+    (reason,) = batch.reasons
+    assert reason.startswith("span of request 'req-1' is ") and reason.endswith("over the limit of 8,192 bytes")
+
+
+def test_a_report_larger_as_stored_than_the_limit_is_413():
+    body = msgspec.json.encode({"user_id": "u1", "screen": ['"' * 2000]})  # unknown: kept as JSON text
+    assert len(body) < 4096
+    with pytest.raises(RequestRejected) as caught:
+        accept_fault_report(body, received_at_us=1, client_ip="203.0.113.7", new_report_id=lambda: "r1",
+                            policy=ClientAddressPolicy(), max_bytes=4096)
+    assert (caught.value.status, caught.value.message) == (
+        413, "fault report as stored is larger than the limit of 4,096 bytes")
+
+
+def test_a_resource_attribute_of_the_wrong_shape_is_named_in_words_not_pythons():
+    kvlist = {"key": "ctx", "value": {"kvlistValue": {"values": ["not a key-value"]}}}
+    resource = {"resource": {"attributes": [kvlist]}, "scopeSpans": [{"spans": [_otlp_span()]}]}
+    batch = accept_spans({"resourceSpans": [resource]}, RULE, "", ClientAddressPolicy())
+    assert batch.reasons == [  # was: "'str' object has no attribute 'get'"
+        "resourceSpans[0]: `resource.attributes`: a field that must be an object or list is not"]

@@ -225,6 +225,7 @@ def test_the_gateway_command_serves_until_sigterm_and_leaves_nothing_unsent(sett
             process.kill()
     assert process.returncode == 0, stderr
     assert "gateway stopped cleanly" in stderr and "behaviour_stored=1" in stderr
+    assert "WARNING supportlens.gateway.server: no API keys file: the gateway accepts data from any client" in stderr
     assert "Traceback" not in stderr
     (behaviour,) = landed(settings, since, ("behaviour",))["behaviour"]
     assert behaviour[0] == "u1"

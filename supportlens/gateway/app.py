@@ -4,7 +4,9 @@ Handlers only read the request, call the pure functions of :mod:`~supportlens.ga
 and hand records to a :class:`~supportlens.gateway.producer.RecordSink`. Every answer is
 JSON (OTLP protobuf requests get protobuf successes); every error is
 ``{"error": "<what is wrong>"}``; an error of ours is logged with a correlation id and
-answered ``500 {"error": "internal error", "id": …}``, never with a traceback.
+answered ``500 {"error": "internal error", "id": …}``, never with a traceback. With a keys
+file, every endpoint but ``/healthz`` and ``/metrics`` first asks
+:class:`~supportlens.gateway.access.AccessControl` (401, 429), before the body is read.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from urllib.parse import quote
 import msgspec
 from aiohttp import web
 
-from supportlens.metrics import metrics_route
+from supportlens.metrics import Metrics, metrics_route, process_metrics
 from supportlens.config import Settings
 from supportlens.gateway import ingest, otlp_wire
+from supportlens.gateway.access import KEY_HEADER, UNKNOWN_APP, AccessControl, Refused
 from supportlens.gateway.addresses import ClientAddressPolicy
 from supportlens.gateway.ingest import RequestRejected, too_large
 from supportlens.gateway.producer import RecordSink, StorageUnavailable
+from supportlens.gateway.receipts import ReportReceipts
 from supportlens.gateway.status import ReportBook, diagnosis_view
 from supportlens.otlp import RequestIdRule
 
@@ -34,6 +38,7 @@ log = logging.getLogger(__name__)
 
 CONSENT_HEADER = "X-Supportlens-Consent"
 RETRY_AFTER_S = 5
+OPEN_PATHS = frozenset({"/healthz", "/metrics"})  # load balancers and Prometheus hold no key
 _JSON = "application/json"
 _SHOWN_PATH = 200  # an echoed path is cut here: the client wrote it
 
@@ -49,6 +54,8 @@ class Counters:
     behaviour_stored: int = 0
     behaviour_withheld: int = 0  # events sent without the consent header
     internal_errors: int = 0
+    refused_unauthenticated: int = 0  # no API key, or one of no app
+    refused_rate_limited: int = 0  # an app over its rate
 
 
 def now_us() -> int:
@@ -101,6 +108,7 @@ class Gateway:
         self._book = book
         self._clock_us = clock_us
         self._new_report_id = new_report_id
+        self._receipts = ReportReceipts()
         self._policy = ClientAddressPolicy.from_settings(settings)
         self._rule = RequestIdRule(settings.request_id_attributes, settings.request_id_from_trace_id)
         self._status_base = f"{public_base_url(settings)}/v1/reports/"
@@ -110,7 +118,8 @@ class Gateway:
         """``POST /v1/traces``: OTLP/HTTP, protobuf or JSON, answered in kind."""
         encoding = otlp_wire.encoding_of(request.content_type)
         payload = otlp_wire.decode_export_request(await self._body(request), encoding)
-        batch = ingest.accept_spans(payload, self._rule, self._client_ip(request), self._policy)
+        batch = ingest.accept_spans(payload, self._rule, self._client_ip(request), self._policy,
+                                    self._settings.max_record_bytes)
         await self._sink.send_all(ingest.span_records(batch.spans))
         self.counters.spans_stored += len(batch.spans)
         self.counters.spans_rejected += batch.rejected
@@ -128,6 +137,7 @@ class Gateway:
             new_report_id=self._new_report_id,
             policy=self._policy,
             max_bytes=self._settings.max_record_bytes,
+            first_receipt=self._receipts.first,
         )
         await self._sink.send_all(accepted.records())
         report_id = accepted.report.report_id
@@ -212,6 +222,45 @@ def json_errors(limit: int, counters: Counters) -> Callable[[web.Request, Handle
     return middleware
 
 
+def access_checks(
+    access: AccessControl, counters: Counters, metrics: Metrics
+) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """Middleware: a request without a valid key is answered 401, one over its app's rate 429,
+    before anything reads its body. Neither the key nor anything derived from it is logged."""
+    refused = metrics.gateway_requests_refused
+    refused.labels(UNKNOWN_APP, "unauthenticated")  # every series from zero, so rate() sees the first refusal
+    for client_app in access.apps or ():
+        refused.labels(client_app.name, "rate_limited")
+    held_back: dict[str, int] = {}  # app → requests refused since it went over its rate (bounded: one per app)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        decision = access.check(request.headers.get("Authorization"), request.headers.get(KEY_HEADER))
+        if not isinstance(decision, Refused):
+            if decision.app in held_back:
+                log.info("app %s is under its rate limit again; %d requests were refused with 429",
+                         decision.app, held_back.pop(decision.app))
+            return await handler(request)
+        refused.labels(decision.app, decision.reason).inc()
+        response = error_response(decision.status, decision.message)
+        if decision.reason == "rate_limited":
+            counters.refused_rate_limited += 1
+            if decision.app not in held_back:
+                log.info("%s; its requests are answered 429 until it is under its limit again", decision.message)
+            held_back[decision.app] = held_back.get(decision.app, 0) + 1
+            response.headers["Retry-After"] = str(decision.retry_after_s)
+        else:
+            counters.refused_unauthenticated += 1
+            log.debug("refused %s %s from %s: %s", request.method, request.path[:_SHOWN_PATH], request.remote,
+                      decision.message)
+            response.headers["WWW-Authenticate"] = 'Bearer realm="supportlens"'
+        return response
+
+    return middleware
+
+
 GATEWAY = web.AppKey("gateway", Gateway)
 
 
@@ -221,18 +270,24 @@ def build_app(
     book: ReportBook,
     clock_us: Callable[[], int] = now_us,
     new_report_id: Callable[[], str] = random_report_id,
+    access: AccessControl | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
     """The application around ``sink`` (where records go) and ``book`` (what reports became).
 
-    Raises :class:`~supportlens.errors.UserError` when ``trusted_proxies`` holds something
-    that is not a network. Serve it with :func:`supportlens.gateway.server.open_site`,
-    which leaves request bodies compressed for :func:`ingest.decompress_body` to bound.
+    ``access`` decides who may send; by default it is read from the settings (open without
+    ``gateway_api_keys_file``). Raises :class:`~supportlens.errors.UserError` when
+    ``trusted_proxies`` holds something that is not a network or the keys file is bad.
+    Serve it with :func:`supportlens.gateway.server.open_site`, which leaves request bodies
+    compressed for :func:`ingest.decompress_body` to bound.
     """
+    if access is None:
+        access = AccessControl.from_settings(settings)
     gateway = Gateway(settings, sink, book, clock_us, new_report_id)
-    app = web.Application(
-        client_max_size=settings.max_record_bytes,
-        middlewares=[json_errors(settings.max_record_bytes, gateway.counters)],
-    )
+    middlewares = [json_errors(settings.max_record_bytes, gateway.counters)]
+    if not access.open:
+        middlewares.append(access_checks(access, gateway.counters, metrics or process_metrics()))
+    app = web.Application(client_max_size=settings.max_record_bytes, middlewares=middlewares)
     app[GATEWAY] = gateway
     app.add_routes(
         [

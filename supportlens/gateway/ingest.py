@@ -87,6 +87,8 @@ def parse_json(body: bytes) -> Any:
         return _json_decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise RequestRejected(400, f"body is {contracts.explain(str(exc))}") from None
+    except contracts.UNREADABLE as exc:
+        raise RequestRejected(400, f"body is {contracts.why_unreadable(exc)}") from None
 
 
 def parse_json_object(body: bytes, what: str) -> dict[str, Any]:
@@ -132,7 +134,8 @@ class SpanBatch:
 
 
 def accept_spans(
-    payload: Mapping[str, Any], rule: RequestIdRule, client_ip: str, policy: ClientAddressPolicy
+    payload: Mapping[str, Any], rule: RequestIdRule, client_ip: str, policy: ClientAddressPolicy,
+    max_bytes: int = 1_048_576,
 ) -> SpanBatch:
     """Normalize an OTLP/JSON ``ExportTraceServiceRequest`` from a caller at ``client_ip``.
 
@@ -140,8 +143,10 @@ def accept_spans(
     consent; every other resource is a client app whose spans are kept only when its
     resource attribute ``supportlens.consent`` is ``"granted"`` (the rest are counted as
     withheld). Client spans get the caller's address (anonymized when configured);
-    server spans carry none. Raises :class:`RequestRejected` (400) when ``resourceSpans``
-    is not a list or a span is not shaped like OTLP at all.
+    server spans carry none. A span whose record would be over ``max_bytes`` is rejected:
+    normalizing can make it larger than it was in the request (nested attribute values
+    become JSON text). Raises :class:`RequestRejected` (400) when ``resourceSpans`` is not
+    a list or a span is not shaped like OTLP at all.
     """
     batch = SpanBatch()
     screened = _screen_resources(payload, batch)
@@ -153,6 +158,12 @@ def accept_spans(
     for span in normalized.spans:
         if span.side == "client":
             span = msgspec.structs.replace(span, client_ip=policy.scrub(span.client_ip))
+        size = len(contracts.encode(span))
+        if size > max_bytes:
+            batch.reasons.append(f"span of request {span.request_id!r} is {size:,} bytes once normalized, "
+                                 f"over the limit of {max_bytes:,} bytes")
+            batch.rejected += 1
+            continue
         batch.spans.append(span)
     return batch
 
@@ -198,8 +209,10 @@ def _resource_attributes(resource_span: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError("`scopeSpans` is not a list of objects")
     try:
         return attributes_dict(items)
-    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+    except ValueError as exc:  # ours, in words
         raise ValueError(f"`resource.attributes`: {exc}") from None
+    except (TypeError, AttributeError, KeyError):  # Python's words ("'str' object has no attribute 'get'")
+        raise ValueError("`resource.attributes`: a field that must be an object or list is not") from None
 
 
 def _may_store(resource: Mapping[str, Any]) -> bool:
@@ -245,22 +258,31 @@ def accept_fault_report(
     new_report_id: Callable[[], str],
     policy: ClientAddressPolicy,
     max_bytes: int,
+    first_receipt: Callable[[str, int, str], tuple[int, str]] | None = None,
 ) -> AcceptedReport:
     """Validate a one-click report; the gateway's own view replaces what the client claimed.
 
     ``received_at_us`` and ``client_ip`` always come from the gateway; ``report_id`` is
-    the client's when it sent one (so a retried report keeps its id), else a new one.
+    the client's when it sent one (so a retried report keeps its id), else a new one. For an
+    id the client chose, ``first_receipt(report_id, received_at_us, client_ip)`` may give the
+    receipt of an earlier attempt, so a retry is the same record
+    (:class:`~supportlens.gateway.receipts.ReportReceipts`).
     The spans of ``client_log`` were attached by the user's explicit action, so they are
     stored whatever the tracing consent: as client spans (whatever side they claim),
     addresses anonymized when configured, attribute ``attached_to_report`` = the report id.
-    Raises :class:`RequestRejected` (400) whose message names the offending field.
+    Raises :class:`RequestRejected`: 400 whose message names the offending field, 413 when the
+    report or an attached span as stored would be over ``max_bytes``.
     """
     raw = parse_json_object(body, "a fault report")
     raw["received_at_us"] = received_at_us
     raw["client_ip"] = client_ip
-    if raw.get("report_id") in (None, ""):
+    client_chose_id = raw.get("report_id") not in (None, "")
+    if not client_chose_id:
         raw["report_id"] = new_report_id()
     report = _validated(raw, FaultReport, max_bytes)
+    if client_chose_id and first_receipt is not None:
+        received_at_us, client_ip = first_receipt(report.report_id, received_at_us, client_ip)
+        report = msgspec.structs.replace(report, received_at_us=received_at_us, client_ip=client_ip)
     own_log = [
         msgspec.structs.replace(span, side="client", client_ip=policy.scrub(span.client_ip))
         for span in report.client_log
@@ -282,7 +304,8 @@ def consented(header: str | None) -> bool:
 
 
 def decode_behaviour(body: bytes, max_bytes: int) -> list[BehaviourEvent]:
-    """One event object or an array of them; the first invalid one rejects the request (400)."""
+    """One event object or an array of them; the first invalid one rejects the request
+    (400; 413 when one as stored would be over ``max_bytes``)."""
     value = parse_json(body)
     if isinstance(value, dict):
         return [_validated(value, BehaviourEvent, max_bytes)]
@@ -296,10 +319,18 @@ def behaviour_records(events: Sequence[BehaviourEvent]) -> list[OutRecord]:
 
 
 def _validated(raw: Any, record_type: type[contracts.R], max_bytes: int, where: str = "") -> contracts.R:
-    """``raw`` through the contract's strict decoder, so unknown fields land in ``attributes``."""
+    """``raw`` through the contract's strict decoder, so unknown fields land in ``attributes``.
+
+    413 when the record as stored would be over ``max_bytes``: an unknown field's value
+    becomes JSON text in ``attributes``, which can make the record larger than the request.
+    """
+    kind = contracts.KIND_NAMES[record_type]
     if not isinstance(raw, dict):
-        raise RequestRejected(400, f"{where}invalid {contracts.KIND_NAMES[record_type]}: expected a JSON object")
+        raise RequestRejected(400, f"{where}invalid {kind}: expected a JSON object")
     try:
-        return contracts.decode(msgspec.json.encode(raw), record_type, max_bytes)
+        record = contracts.decode(msgspec.json.encode(raw), record_type, max_bytes)
     except InvalidRecord as exc:
         raise RequestRejected(400, f"{where}{exc}") from None
+    if len(contracts.encode(record)) > max_bytes:
+        raise too_large(max_bytes, f"{where}{kind} as stored")
+    return record

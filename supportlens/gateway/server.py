@@ -10,6 +10,7 @@ from aiohttp import web
 
 from supportlens.config import Settings
 from supportlens.errors import UserError
+from supportlens.gateway.access import AccessControl
 from supportlens.gateway.app import GATEWAY, Counters, build_app, public_base_url
 from supportlens.gateway.ingest import BEHAVIOUR, CLIENT_SPANS, FAULT_REPORTS, SERVER_SPANS
 from supportlens.gateway.producer import KafkaRecordSink
@@ -42,20 +43,22 @@ async def open_site(app: web.Application, host: str, port: int, *, name: str = "
 async def serve(settings: Settings, stop: asyncio.Event) -> Counters:
     """Serve until ``stop`` is set; then stop listening, let requests in flight finish and flush.
 
-    Raises :class:`UserError` when Kafka does not answer, a topic is missing, a setting is
-    wrong or the address is taken: all before anything was accepted.
+    Raises :class:`UserError` when the keys file is bad, Kafka does not answer, a topic is
+    missing, a setting is wrong or the address is taken: all before anything was accepted.
     """
+    access = AccessControl.from_settings(settings)  # a bad keys file is found before Kafka is asked
     require_topics(settings, TOPICS_USED)
     book = ReportBook()
     sink = KafkaRecordSink(settings)
     follower = DiagnosedReportFollower(settings, book.add_diagnoses)
     try:
-        app = build_app(settings, sink, book)
+        app = build_app(settings, sink, book, access=access)
         follower.start(asyncio.get_running_loop())
         sink.start()
         runner = await open_site(app, settings.gateway_host, settings.gateway_port)
         try:
             log.info("gateway listening at %s (Kafka %s)", public_base_url(settings), settings.kafka_bootstrap)
+            _log_access(access, settings)
             await stop.wait()
             log.info("gateway stopping")
         finally:
@@ -68,9 +71,21 @@ async def serve(settings: Settings, stop: asyncio.Event) -> Counters:
     return app[GATEWAY].counters
 
 
-def run_gateway(settings: Settings) -> None:
+def _log_access(access: AccessControl, settings: Settings) -> None:
+    if access.apps is None:
+        log.warning("no API keys file: the gateway accepts data from any client that reaches %s:%d, without a key "
+                    "and without a rate limit; set gateway_api_keys_file (SUPPORTLENS_GATEWAY_API_KEYS_FILE) "
+                    "before clients beyond this machine can reach it", settings.gateway_host, settings.gateway_port)
+        return
+    apps = "; ".join(f"{app.name} ({len(app.key_sha256)} key{'s' * (len(app.key_sha256) != 1)}, "
+                     f"{app.limit.describe()})" for app in access.apps)
+    log.info("API keys required, apps from %s: %s", settings.gateway_api_keys_file, apps)
+
+
+def run_gateway(settings: Settings, loglevel: str = "info") -> None:
     """Serve until SIGINT or SIGTERM (see :func:`serve`); logs what was done on the way out."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(logging, loglevel.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(_serve_until_signalled(settings))
 
 
