@@ -42,6 +42,7 @@ from supportlens.contracts import (
     FaultReport, IncidentCommand, InvalidRecord, MisuseCount, SignalClock, SignalCount, Span, decode, decode_signal,
     encode, is_drill,
 )
+from supportlens.kafka_security import faust_credentials
 from supportlens.metrics import Metrics, process_metrics, serve_metrics
 from streams.catalog import Catalog
 from streams.detect import EngineConfig, Outputs, SurgeEngine, pack_core, pack_key, slim, unpack_state
@@ -85,7 +86,9 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
     (settings.state_dir / "faust").mkdir(parents=True, exist_ok=True)  # Faust makes only the last level
     app = faust.App(
         f"{settings.topic_prefix}worker",
-        broker=f"kafka://{settings.kafka_bootstrap}",
+        # one URL per bootstrap server: Faust does not split librdkafka's comma-separated list
+        broker=[f"kafka://{server.strip()}" for server in settings.kafka_bootstrap.split(",") if server.strip()],
+        broker_credentials=faust_credentials(settings),  # the same security as every other client
         store="memory://",
         datadir=str(settings.state_dir / "faust" / "{conf.id}"),  # not the current directory
         topic_partitions=settings.partitions,
@@ -186,7 +189,10 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
         message = event.message
         metrics.dead_letters.labels(logical_of.get(message.topic, message.topic)).inc()
         log.warning("dead letter from %s[%s]@%s: %s", message.topic, message.partition, message.offset, reason)
-        await dlq.send(key=event.key, value=event.value,
+        # Faust refuses to send a record with neither key nor value (its assertion crashed the
+        # agent): a tombstone without a key goes as an empty value, its origin in the headers.
+        value = b"" if event.key is None and event.value is None else event.value
+        await dlq.send(key=event.key, value=value,
                        headers=dead_letter_headers(reason, message.topic, message.partition, message.offset))
 
     def decode_or_none(event: faust.types.EventT, record_type: type) -> Any:

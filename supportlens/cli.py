@@ -10,12 +10,14 @@ from typing import Annotated, Any, Optional
 import msgspec
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from supportlens.config import Settings, load_settings
 from supportlens.contracts import KIND_NAMES, InvalidRecord, decode
 from supportlens.errors import UserError
+from supportlens.log_redaction import keep_secrets_out_of_logs
 from supportlens.simulator.scenarios import SCENARIOS
 
 app = typer.Typer(
@@ -34,6 +36,8 @@ app.add_typer(dashboards_app, name="dashboards")
 accounts_app = typer.Typer(help="Customer accounts (tier, contacts, channel, locale) on the compacted `accounts` topic.",
                            no_args_is_help=True)
 app.add_typer(accounts_app, name="accounts")
+gateway_key_app = typer.Typer(help="API keys of the client apps that send to the gateway.", no_args_is_help=True)
+app.add_typer(gateway_key_app, name="gateway-key")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -57,6 +61,7 @@ def _settings(
         state_dir=state_dir,
         clickhouse_dsn=clickhouse_dsn,
     )
+    keep_secrets_out_of_logs(ctx.obj.secret_values())
 
 
 @app.command("config")
@@ -192,11 +197,61 @@ def worker(
 
 
 @app.command()
-def gateway(ctx: typer.Context) -> None:
+def gateway(
+    ctx: typer.Context,
+    loglevel: Annotated[str, typer.Option(help="debug | info | warning")] = "info",
+) -> None:
     """Serve the ingest endpoints (OTLP/HTTP traces, fault reports, behaviour) and report status."""
     from supportlens.gateway.server import run_gateway
 
-    run_gateway(ctx.obj)
+    run_gateway(ctx.obj, loglevel)
+
+
+@gateway_key_app.command("new")
+def gateway_key_new(
+    ctx: typer.Context,
+    app_name: Annotated[str, typer.Option("--app", help="The client app the key is for, e.g. ios.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Make a new API key for a client app: print it once, with the lines that let the gateway accept it.
+
+    The key is not stored anywhere; the keys file gets only its SHA-256. Give an app a second key
+    to replace the first: both work until the old hash is removed from the file.
+    """
+    from supportlens.gateway.access import APP_NAME, key_sha256, keys_file_lines, load_client_apps, new_key
+    from supportlens.gateway.ratelimit import RateLimit
+
+    settings: Settings = ctx.obj
+    if not APP_NAME.match(app_name):
+        raise UserError(f"--app {app_name[:80]!r} is not an app name", hint="use 1 to 64 letters, digits, '-' or '_'")
+    key = new_key()
+    digest = key_sha256(key)
+    keys_file = settings.gateway_api_keys_file
+    known: tuple[str, ...] = ()
+    if keys_file is not None and keys_file.is_file():
+        try:
+            default = RateLimit(settings.gateway_rate_per_s, settings.gateway_rate_burst)
+            known = next((a.key_sha256 for a in load_client_apps(keys_file, default) if a.name == app_name), ())
+        except UserError as exc:  # the new key is still good; the operator edits the file anyway
+            err_console.print(f"[yellow]note:[/] {escape(exc.message)}", highlight=False)
+    lines = keys_file_lines(app_name, (*known, digest))
+    if as_json:
+        print(msgspec.json.encode({"app": app_name, "key": key, "key_sha256": digest, "keys_file_lines": lines}).decode())
+        return
+    where = str(keys_file) if keys_file else "the gateway's keys file (gateway_api_keys_file)"
+    console.print(f"New API key for app [bold]{app_name}[/] (shown only now; supportlens keeps only its hash):\n",
+                  highlight=False)
+    print(f"  {key}\n")
+    console.print("The app sends it as `Authorization: Bearer <key>` or `X-Supportlens-Key: <key>`; an "
+                  "OpenTelemetry exporter with:\n", highlight=False, markup=False)
+    print(f"  OTEL_EXPORTER_OTLP_HEADERS=Authorization=Bearer%20{key}\n")
+    if known:
+        console.print(f"App {app_name} has {len(known)} key(s) in {where}: replace its key_sha256 line with the one "
+                      "below, restart the gateways, and remove the old hash once no client sends the old key:\n",
+                      highlight=False, markup=False)
+    else:
+        console.print(f"Add to {where}, then restart the gateways:\n", highlight=False, markup=False)
+    print(lines)
 
 
 @app.command()
@@ -564,9 +619,10 @@ def main() -> None:
     try:
         app(prog_name="supportlens")
     except UserError as exc:
-        err_console.print(f"[bold red]error:[/] {exc.message}")
+        # escaped: messages quote what the user wrote, e.g. a TOML table `[apps.ios]`, which is no markup
+        err_console.print(f"[bold red]error:[/] {escape(exc.message)}")
         if exc.hint:
-            err_console.print(f"[yellow]hint:[/] {exc.hint}")
+            err_console.print(f"[yellow]hint:[/] {escape(exc.hint)}")
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")

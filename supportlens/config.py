@@ -1,8 +1,9 @@
 """One frozen settings object, resolved once at the edge.
 
 Precedence, highest first: CLI flags (passed as keyword arguments), environment
-variables ``SUPPORTLENS_*``, an optional TOML file (``--config`` or
-``SUPPORTLENS_CONFIG``), then the defaults below. Nothing else in the code base
+variables ``SUPPORTLENS_*``, files in a secrets directory (``SUPPORTLENS_SECRETS_DIR``,
+one per setting), an optional TOML file (``--config`` or ``SUPPORTLENS_CONFIG``), then the
+defaults below. Nothing else in the code base
 reads the environment: everything receives a :class:`Settings`.
 """
 
@@ -94,6 +95,19 @@ class Settings(BaseSettings):
     clickhouse_password: SecretStr | None = Field(
         default=None, description="ClickHouse password (server DSN); from the environment or a secrets file only."
     )
+    clickhouse_ca_cert: Path | None = Field(
+        default=None, description="CA certificate (PEM) that signs the ClickHouse server's (an https:// DSN); "
+        "default: the system's CAs.",
+    )
+    clickhouse_client_cert: Path | None = Field(
+        default=None, description="Client certificate (PEM) for ClickHouse servers that require mutual TLS."
+    )
+    clickhouse_client_key: Path | None = Field(
+        default=None, description="Key of clickhouse_client_cert (PEM), when it is not in the same file."
+    )
+    clickhouse_verify: bool = Field(
+        default=True, description="Verify the ClickHouse server's certificate (turn off only for a test server)."
+    )
     clickhouse_ttl_days: dict[str, int] = Field(
         default_factory=lambda: dict(DEFAULT_TTL_DAYS),
         description="Days each table keeps its rows (0 = forever), e.g. {\"spans\": 7}; unnamed tables keep their default.",
@@ -129,6 +143,19 @@ class Settings(BaseSettings):
     )
     trusted_proxies: tuple[str, ...] = Field(
         default=(), description="Proxies whose X-Forwarded-For is believed (CIDRs); others' is ignored."
+    )
+    gateway_api_keys_file: Path | None = Field(
+        default=None, description="TOML file of the client apps that may send to the gateway: the SHA-256 of each "
+        "app's API keys (never a key) and optional rate limits. Unset: the gateway accepts any client (local use).",
+    )
+    gateway_rate_per_s: float = Field(
+        default=200.0, ge=0, allow_inf_nan=False,
+        description="Requests per second one client app may send to one gateway process "
+        "(0: no limit), unless the keys file sets its own; applies only with gateway_api_keys_file.",
+    )
+    gateway_rate_burst: int = Field(
+        default=1000, ge=1, description="Requests one client app may send at once before gateway_rate_per_s "
+        "holds it back, unless the keys file sets its own.",
     )
     correlation_grace_s: float = Field(
         default=30.0, gt=0, description="How long a request waits for its missing side before it is emitted anyway."
@@ -295,6 +322,16 @@ class Settings(BaseSettings):
             env[f"SUPPORTLENS_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
         return env
 
+    def secret_values(self) -> tuple[str, ...]:
+        """Every secret these settings hold, for the log filter that keeps them out of any output."""
+        values = [value.get_secret_value() for name in type(self).model_fields
+                  if isinstance(value := getattr(self, name), SecretStr)]
+        values += [str(self.kafka_client[key]) for key in ("sasl.password", "ssl.key.password", "sasl.oauthbearer.config")
+                   if key in self.kafka_client]
+        values += [match.group(1) for dsn in (self.clickhouse_dsn, self.grafana_clickhouse_dsn)
+                   if (match := re.search(r"//[^:/@]+:([^@]+)@", dsn))]
+        return tuple(sorted({value for value in values if value}, key=len, reverse=True))
+
     def public_view(self) -> dict[str, Any]:
         """The settings as a person may see them: secrets masked, also a password inside the DSN."""
         view = self.model_dump(mode="json")
@@ -316,13 +353,23 @@ def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
     """
     env_path = os.environ.get("SUPPORTLENS_CONFIG")
     path = config_file or (Path(env_path) if env_path else None)
-    settings_cls: type[Settings] = Settings
+    sources = SettingsConfigDict()
     if path is not None:
         if not path.is_file():
             raise UserError(f"config file {path} does not exist", hint="check --config or SUPPORTLENS_CONFIG")
+        sources["toml_file"] = path
+    secrets_dir = os.environ.get("SUPPORTLENS_SECRETS_DIR")
+    if secrets_dir:
+        # one file per setting, named like its variable in lower case (supportlens_kafka_sasl_password),
+        # as Docker and Kubernetes mount secrets
+        if not Path(secrets_dir).is_dir():
+            raise UserError(f"secrets directory {secrets_dir} does not exist", hint="check SUPPORTLENS_SECRETS_DIR")
+        sources["secrets_dir"] = secrets_dir
+    settings_cls: type[Settings] = Settings
+    if sources:
 
         class FileSettings(Settings):
-            model_config = SettingsConfigDict(toml_file=path)
+            model_config = sources
 
         settings_cls = FileSettings
     given = {key: value for key, value in flags.items() if value is not None}

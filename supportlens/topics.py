@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 from enum import Enum
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import (
     AdminClient,
     AlterConfigOpType,
@@ -89,22 +90,42 @@ class TopicChange:
     detail: str = ""
 
 
-def admin_client(settings: Settings) -> AdminClient:
-    return AdminClient(settings.kafka_config())
+class Admin(AdminClient):
+    """An admin client that remembers why the broker refused it, if it did."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.refusals: list[str] = []
+        super().__init__({**config, "error_cb": self._on_error})
+
+    def _on_error(self, error: KafkaError) -> None:
+        # librdkafka reports a refused login only here; the call that fails says "transport failure"
+        if error.code() in (KafkaError._AUTHENTICATION, KafkaError.SASL_AUTHENTICATION_FAILED):
+            self.refusals.append(error.str())
 
 
-def check_reachable(admin: AdminClient, settings: Settings, timeout: float = 10.0) -> None:
-    """Fail with a user-language error when no broker answers."""
+def admin_client(settings: Settings) -> Admin:
+    return Admin(settings.kafka_config())
+
+
+def check_reachable(admin: Admin, settings: Settings, timeout: float = 10.0) -> None:
+    """Fail with a user-language error when no broker answers, or when it refuses our login."""
     try:
         admin.list_topics(timeout=timeout)
     except KafkaException as exc:
+        admin.poll(0.5)  # error callbacks run only when polled
+        if admin.refusals:
+            user = settings.kafka_sasl_username or settings.kafka_client.get("sasl.username", "")
+            raise UserError(
+                f"Kafka at {settings.kafka_bootstrap} refused the login of user {user!r}: {admin.refusals[-1]}",
+                hint="check SUPPORTLENS_KAFKA_SASL_USERNAME / SUPPORTLENS_KAFKA_SASL_PASSWORD and the sasl.* options",
+            ) from None
         raise UserError(
             f"cannot reach Kafka at {settings.kafka_bootstrap} ({exc.args[0].str() if exc.args else exc})",
             hint="start the local broker with `make kafka-start`, or set SUPPORTLENS_KAFKA_BOOTSTRAP",
         ) from None
 
 
-def existing_partitions(admin: AdminClient, timeout: float = 10.0) -> dict[str, int]:
+def existing_partitions(admin: Admin, timeout: float = 10.0) -> dict[str, int]:
     metadata = admin.list_topics(timeout=timeout)
     return {name: len(topic.partitions) for name, topic in metadata.topics.items() if topic.error is None}
 
@@ -136,7 +157,7 @@ def copartition_problems(settings: Settings, partitions: dict[str, int]) -> list
 
 def provision(
     settings: Settings,
-    admin: AdminClient | None = None,
+    admin: Admin | None = None,
     timeout: float = 30.0,
     on_change: Callable[[TopicChange], None] | None = None,
 ) -> list[TopicChange]:

@@ -122,3 +122,18 @@ def test_clickhouse_settings_are_checked_and_the_dsn_password_is_masked():
         load_settings(clickhouse_ttl_days={"spanz": 3})
     with pytest.raises(UserError, match="clickhouse_database"):
         load_settings(clickhouse_database="x; DROP")
+
+
+def test_secrets_can_come_from_files_in_a_secrets_directory_the_environment_winning(tmp_path, monkeypatch):
+    for key in ("SUPPORTLENS_KAFKA_SASL_PASSWORD", "SUPPORTLENS_NOTIFY_WEBHOOK_SECRET", "SUPPORTLENS_CONFIG"):
+        monkeypatch.delenv(key, raising=False)
+    (tmp_path / "supportlens_kafka_sasl_password").write_text("from-a-file\n")
+    (tmp_path / "supportlens_notify_webhook_secret").write_text("hook-from-file")
+    monkeypatch.setenv("SUPPORTLENS_SECRETS_DIR", str(tmp_path))
+    monkeypatch.setenv("SUPPORTLENS_NOTIFY_WEBHOOK_SECRET", "hook-from-env")
+    settings = load_settings()
+    assert settings.kafka_config()["sasl.password"] == "from-a-file"
+    assert settings.notify_webhook_secret.get_secret_value() == "hook-from-env"
+    monkeypatch.setenv("SUPPORTLENS_SECRETS_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="secrets directory .* does not exist"):
+        load_settings()

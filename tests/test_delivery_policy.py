@@ -48,6 +48,23 @@ def test_signature_round_trip() -> None:
     assert verify_signature(SECRET.encode(), header, BODY, now=T - 5)  # bytes secret, receiver clock a bit behind
 
 
+def test_signatures_are_compared_in_constant_time_never_with_equality(monkeypatch) -> None:
+    import hmac
+
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    header = signature_header(SECRET, T, BODY)
+    wrong = header[:-1] + ("0" if header[-1] != "0" else "1")
+    assert verify_signature(SECRET, header, BODY, now=T) and not verify_signature(SECRET, wrong, BODY, now=T)
+    assert len(compared) == 2 and compared[1][1] == wrong.split("v1=")[1].encode()
+
+
 @pytest.mark.parametrize("case", ["body", "timestamp", "secret", "old", "future", "no_v1", "no_t", "garbage", "empty"])
 def test_signature_rejects(case: str) -> None:
     header = signature_header(SECRET, T, BODY)

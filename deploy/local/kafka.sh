@@ -24,6 +24,10 @@ KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-$((KAFKA_PORT + 1))}"
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx768m}"
 KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
+# "user:password[,user:password…]": the client listener asks for SASL/PLAIN with these
+# users (the first one is also the broker's own). For trying security settings locally;
+# the passwords sit in server.properties (mode 600) under the state directory.
+KAFKA_SASL_PLAIN_USERS="${KAFKA_SASL_PLAIN_USERS:-}"
 for var in KAFKA_CONTROLLER_PORT KAFKA_START_TIMEOUT; do
     [[ "${!var}" =~ ^[0-9]+$ ]] || die "$var must be a number, got '${!var}'"
 done
@@ -61,7 +65,7 @@ usage: $(basename "$0") fetch|start|stop|status|bootstrap
   bootstrap  print the bootstrap address for clients
 
 env: SUPPORTLENS_STATE_DIR SUPPORTLENS_CACHE_DIR KAFKA_PORT KAFKA_CONTROLLER_PORT
-     KAFKA_HEAP_OPTS KAFKA_START_TIMEOUT
+     KAFKA_HEAP_OPTS KAFKA_START_TIMEOUT KAFKA_SASL_PLAIN_USERS (user:password,…: SASL/PLAIN listener)
 EOF
 }
 
@@ -166,21 +170,42 @@ broker_pid() {
 # The client port the running broker was started with, which may differ from
 # this invocation's KAFKA_PORT.
 running_port() {
-    sed -n 's|^listeners=PLAINTEXT://[^:]*:\([0-9]*\).*|\1|p' "$SERVER_PROPS" 2>/dev/null
+    sed -n 's|^listeners=[A-Z_]*://[^:]*:\([0-9]*\).*|\1|p' "$SERVER_PROPS" 2>/dev/null
+}
+
+# With KAFKA_SASL_PLAIN_USERS: the SASL/PLAIN settings and JAAS users of the client listener.
+sasl_properties() {
+    [[ -z "$KAFKA_SASL_PLAIN_USERS" ]] && return 0
+    local entry user password users="" first_user="" first_password=""
+    local -a entries
+    IFS=',' read -ra entries <<<"$KAFKA_SASL_PLAIN_USERS"
+    for entry in "${entries[@]}"; do
+        user="${entry%%:*}" password="${entry#*:}"
+        [[ "$entry" == *:* && "$user" =~ ^[A-Za-z0-9_.-]+$ && -n "$password" && "$password" != *'"'* ]] ||
+            die "KAFKA_SASL_PLAIN_USERS must be user:password[,user:password…] without quotes (entry of user '$user')"
+        users+=" user_$user=\"$password\""
+        if [[ -z "$first_user" ]]; then first_user="$user" first_password="$password"; fi
+    done
+    printf '%s\n' "sasl.enabled.mechanisms=PLAIN" "sasl.mechanism.inter.broker.protocol=PLAIN" \
+        "listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username=\"$first_user\" password=\"$first_password\"$users;"
 }
 
 write_server_properties() {
-    cat >"$SERVER_PROPS" <<EOF
+    local client=PLAINTEXT sasl
+    [[ -n "$KAFKA_SASL_PLAIN_USERS" ]] && client=SASL_PLAINTEXT
+    sasl="$(sasl_properties)"
+    (umask 077 && cat >"$SERVER_PROPS" <<EOF
 # Written by deploy/local/kafka.sh on every start; edits here are overwritten.
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=$HOST:$KAFKA_CONTROLLER_PORT
 controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
-listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=$client
+listeners=$client://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
+advertised.listeners=$client://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,CONTROLLER:PLAINTEXT
 log.dirs=$DATA_DIR
+$sasl
 
 # One broker: internal topics cannot have more than one replica.
 offsets.topic.replication.factor=1
@@ -201,6 +226,7 @@ num.partitions=1
 # No point waiting for more consumers to join: tests start one at a time.
 group.initial.rebalance.delay.ms=0
 EOF
+    )
 }
 
 format_storage_if_needed() {

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import clickhouse_connect
 import msgspec
@@ -94,9 +95,31 @@ def connect(settings: Settings, *, create_database: bool = True) -> Client:
 
 
 def _client(settings: Settings, database: str | None) -> Client:
-    password = settings.clickhouse_password.get_secret_value() if settings.clickhouse_password else None
-    extra = {"password": password} if password is not None else {}
-    return clickhouse_connect.get_client(dsn=settings.clickhouse_dsn, database=database, **extra)
+    return clickhouse_connect.get_client(dsn=settings.clickhouse_dsn, database=database, **client_options(settings))
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """clickhouse-connect's arguments beyond the DSN: the password and, for a server, TLS.
+
+    An ``https://`` DSN turns TLS on; these say whom to trust and who we are.
+    """
+    options: dict[str, Any] = {}
+    if settings.clickhouse_password is not None:
+        options["password"] = settings.clickhouse_password.get_secret_value()
+    if settings.embedded_store:
+        return options
+    # clickhouse-connect infers TLS from the port (443, 8443), not from the DSN's scheme:
+    # https://host:9440 would go out as plain HTTP, password and all
+    options["interface"] = "https" if settings.clickhouse_dsn.lower().startswith("https:") else "http"
+    if settings.clickhouse_ca_cert is not None:
+        options["ca_cert"] = str(settings.clickhouse_ca_cert)
+    if settings.clickhouse_client_cert is not None:
+        options["client_cert"] = str(settings.clickhouse_client_cert)
+    if settings.clickhouse_client_key is not None:
+        options["client_cert_key"] = str(settings.clickhouse_client_key)
+    if not settings.clickhouse_verify:
+        options["verify"] = False
+    return options
 
 
 def _explain(settings: Settings, exc: Exception) -> UserError:
