@@ -117,6 +117,7 @@ def test_quiet_night_declares_nothing_and_a_person_declares_and_resolves(kafka, 
         worker.stop()
 
 
+@pytest.mark.chaos
 def test_a_worker_killed_during_an_open_incident_does_not_declare_it_again(kafka, tmp_path):
     settings = _settings(kafka)
     provision(settings)

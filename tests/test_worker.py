@@ -130,6 +130,7 @@ def test_bad_records_go_to_the_dead_letter_topic_and_the_worker_goes_on(kafka, t
         assert int(header["source_partition"]) >= 0 and int(header["source_offset"]) >= 0
 
 
+@pytest.mark.chaos
 def test_a_worker_killed_mid_run_loses_no_request_and_repeats_none_with_other_content(kafka, tmp_path):
     settings = _settings(kafka)
     provision(settings)
