@@ -344,6 +344,6 @@ def test_when_kafka_does_not_take_the_records_the_client_is_told_to_retry(gatewa
         served.sink.up = False
         health = call("GET", f"{served.url}/healthz")
     assert answer.status == 503 and answer.headers["Retry-After"] == "5"
-    assert "timed out; retry later" in answer.json()["error"]
+    assert "timed out; retry later with the same ids" in answer.json()["error"]
     assert served.book.lookup("report-1") is None  # not stored, so not promised
     assert (health.status, health.json()) == (503, {"error": "Kafka does not answer"})

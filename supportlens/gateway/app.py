@@ -197,7 +197,11 @@ def json_errors(limit: int, counters: Counters) -> Callable[[web.Request, Handle
             return error_response(exc.status, exc.message)
         except StorageUnavailable as exc:
             log.warning("%s %s: %s", request.method, request.path, exc)
-            response = error_response(503, f"could not store the data: {exc}; retry later")
+            # "not confirmed", not "not stored": a stalled broker may still append it; a retry with
+            # the same ids is then the same record (see receipts)
+            response = error_response(
+                503, f"Kafka did not confirm the data as stored: {exc}; retry later with the same ids"
+            )
             response.headers["Retry-After"] = str(RETRY_AFTER_S)
             return response
         except web.HTTPRequestEntityTooLarge:
