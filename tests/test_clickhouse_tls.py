@@ -109,4 +109,6 @@ def test_verification_can_be_turned_off_for_a_test_server(tls_server):
 def test_the_dsn_scheme_decides_tls_whatever_the_port(dsn, interface):
     # clickhouse-connect alone would infer TLS from ports 443 and 8443 only (the server above listens elsewhere)
     assert store.client_options(load_settings(clickhouse_dsn=dsn))["interface"] == interface
-    assert "interface" not in store.client_options(load_settings())  # the embedded engine has none
+    embedded = store.client_options(load_settings())
+    assert "interface" not in embedded  # the embedded engine has none, but keeps few idle threads (see the soak)
+    assert embedded["chdb_options"] == {"max_thread_pool_free_size": store.EMBEDDED_IDLE_THREADS}

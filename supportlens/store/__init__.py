@@ -23,6 +23,7 @@ from supportlens.config import Settings, redact_dsn
 from supportlens.errors import UserError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+EMBEDDED_IDLE_THREADS = 16  # idle threads the embedded engine may keep (ClickHouse's default: 1,000)
 
 # The column each table's retention counts from.
 TTL_COLUMNS: dict[str, str] = {
@@ -107,6 +108,10 @@ def client_options(settings: Settings) -> dict[str, Any]:
     if settings.clickhouse_password is not None:
         options["password"] = settings.clickhouse_password.get_secret_value()
     if settings.embedded_store:
+        # ClickHouse keeps up to 1,000 idle threads for good, each with its allocator cache; a
+        # burst of parallel part removals left ~100 of them in the sink's process (+35 MB, found
+        # by the soak). The first connection of a process starts the engine with these.
+        options["chdb_options"] = {"max_thread_pool_free_size": EMBEDDED_IDLE_THREADS}
         return options
     # clickhouse-connect infers TLS from the port (443, 8443), not from the DSN's scheme:
     # https://host:9440 would go out as plain HTTP, password and all
