@@ -108,9 +108,9 @@ def client_options(settings: Settings) -> dict[str, Any]:
     if settings.clickhouse_password is not None:
         options["password"] = settings.clickhouse_password.get_secret_value()
     if settings.embedded_store:
-        # ClickHouse keeps up to 1,000 idle threads for good, each with its allocator cache; a
-        # burst of parallel part removals left ~100 of them in the sink's process (+35 MB, found
-        # by the soak). The first connection of a process starts the engine with these.
+        # ClickHouse keeps up to 1,000 idle threads for good, each with its allocator cache; in a
+        # sink-shaped experiment a burst of parallel part removals left ~100 of them (+35 MB RSS).
+        # The first connection of a process starts the engine with these.
         options["chdb_options"] = {"max_thread_pool_free_size": EMBEDDED_IDLE_THREADS}
         return options
     # clickhouse-connect infers TLS from the port (443, 8443), not from the DSN's scheme:
