@@ -52,7 +52,10 @@ def _wait_for(settings: Settings, requests: int, reports: int, worker: WorkerPro
         complete = len(seen) >= requests and len({r.report_id for r in diagnosed}) >= reports
         if complete and time.monotonic() - last_change >= quiet_s:
             return seen, diagnosed
-        if time.monotonic() > deadline:
+        # past the deadline only while the worker still makes progress: a loaded machine (CI
+        # beside other work) slows it down, a lost request stops the count for good
+        stalled = time.monotonic() - last_change > 30
+        if time.monotonic() > deadline and (stalled or time.monotonic() > deadline + 4 * timeout):
             raise AssertionError(f"{len(seen)}/{requests} requests, {len(diagnosed)}/{reports} reports:\n{worker.tail()}")
         time.sleep(0.5)
 
