@@ -72,3 +72,18 @@ class WorkerProcess:
             except Exception:
                 self.proc.kill()
         self._log.close()
+
+
+def spy_on_compare_digest(monkeypatch) -> list[tuple]:
+    """Every ``hmac.compare_digest`` call from now on, as ``(a, b)``, still answered by the real one."""
+    import hmac
+
+    calls: list[tuple] = []
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    return calls

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import spy_on_compare_digest
 from sinks.delivery_policy import (
     AccountRateLimiter,
     RetryPolicy,
@@ -49,16 +50,7 @@ def test_signature_round_trip() -> None:
 
 
 def test_signatures_are_compared_in_constant_time_never_with_equality(monkeypatch) -> None:
-    import hmac
-
-    compared: list[tuple[bytes, bytes]] = []
-    real = hmac.compare_digest
-
-    def spy(a, b):
-        compared.append((a, b))
-        return real(a, b)
-
-    monkeypatch.setattr(hmac, "compare_digest", spy)
+    compared = spy_on_compare_digest(monkeypatch)
     header = signature_header(SECRET, T, BODY)
     wrong = header[:-1] + ("0" if header[-1] != "0" else "1")
     assert verify_signature(SECRET, header, BODY, now=T) and not verify_signature(SECRET, wrong, BODY, now=T)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import logging
 import os
 import signal
@@ -24,7 +23,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
 
-from helpers import free_port, settings_env, supportlens_cmd
+from helpers import free_port, settings_env, spy_on_compare_digest, supportlens_cmd
 from supportlens.config import load_settings
 from supportlens.errors import UserError
 from supportlens.gateway.access import (
@@ -153,14 +152,7 @@ def test_keys_are_told_apart_by_their_hash_and_both_keys_of_an_app_work():
 
 
 def test_every_known_hash_is_compared_in_constant_time_whichever_matches(monkeypatch):
-    compared: list[tuple[str, str]] = []
-    real = hmac.compare_digest
-
-    def spy(a, b):
-        compared.append((a, b))
-        return real(a, b)
-
-    monkeypatch.setattr(hmac, "compare_digest", spy)
+    compared = spy_on_compare_digest(monkeypatch)
     access = AccessControl(_apps(), FakeClock())
     for key in (IOS_OLD, ANDROID, "nobody's key"):
         compared.clear()
