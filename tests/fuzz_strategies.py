@@ -323,7 +323,9 @@ def mutate(draw: st.DrawFn, original: Any, values: st.SearchStrategy[Any], max_s
             parent[step] = draw(st.sampled_from(retyped(target)))
         elif op == "repeat" and isinstance(target, list) and target:
             times = draw(st.sampled_from([2, 51, 129, 201, 1025]))  # past each list limit of the contracts
-            parent[step] = target * max(1, min(times, GROWTH_BYTES // len(to_json(target))))
+            # copies, not references: a later edit of one repetition must not grow them all
+            repeated = target * max(1, min(times, GROWTH_BYTES // len(to_json(target))))
+            parent[step] = [copy.deepcopy(item) for item in repeated]
         elif op == "stretch" and isinstance(target, str):
             text = target or "x"
             parent[step] = text * max(1, min(draw(st.integers(2, 5000)), GROWTH_BYTES // len(text.encode())))
@@ -392,7 +394,7 @@ ENCODINGS = ["gzip", "deflate", "x-gzip", "GZIP", " deflate ", "identity", "", "
 
 def compress(data: bytes, encoding: str, level: int = 6) -> bytes:
     """``data`` in an HTTP content coding: gzip, or deflate (which HTTP means as zlib format)."""
-    return gzip.compress(data, level) if "gzip" in encoding.lower() else zlib.compress(data, level)
+    return gzip.compress(data, level, mtime=0) if "gzip" in encoding.lower() else zlib.compress(data, level)
 
 
 # --- OTLP protobuf, built field by field ----------------------------------------------------
