@@ -42,7 +42,7 @@ bench: venv kafka-start
 chaos: venv services
 	$(BIN)/python -m pytest -m chaos --chaos-full
 
-# 30 minutes at a fixed rate: memory over time, consumer lag, end-to-end latency.
+# 15 minutes of warm-up, then 30 judged, at a fixed rate: memory over time, consumer lag, end-to-end latency.
 soak: venv kafka-start
 	$(BIN)/python bench/soak.py --minutes 30
 
