@@ -43,6 +43,7 @@ from supportlens.contracts import (
     encode, is_drill,
 )
 from supportlens.kafka_security import faust_credentials
+from supportlens.log_floods import quiet_repeats
 from supportlens.metrics import Metrics, process_metrics, serve_metrics
 from streams.catalog import Catalog
 from streams.detect import EngineConfig, Outputs, SurgeEngine, pack_core, pack_key, slim, unpack_state
@@ -492,4 +493,5 @@ def run_worker(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
     serve_metrics(settings, settings.worker_metrics_port, "worker")
     app = create_app(settings, catalog, timing, policy, engine_config, notifier)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    quiet_repeats("aiokafka")  # Faust's Kafka client: one line a minute per complaint while a broker is away
     worker.execute_from_commandline()

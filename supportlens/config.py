@@ -24,6 +24,7 @@ from pydantic_settings import (
 )
 
 from supportlens.errors import UserError
+from supportlens.log_floods import KAFKA_CLIENT_LOG
 
 SUPPORTED_LOCALES = ("en", "zh-CN")
 
@@ -293,8 +294,12 @@ class Settings(BaseSettings):
         return f"{self.topic_prefix}{name}"
 
     def kafka_config(self, **overrides: Any) -> dict[str, Any]:
-        """librdkafka configuration shared by every producer, consumer and admin client."""
-        config: dict[str, Any] = {"bootstrap.servers": self.kafka_bootstrap, **self.kafka_client}
+        """librdkafka configuration shared by every producer, consumer and admin client.
+
+        Their log lines go to Python logging (delivered by the client's poll), quieted while
+        a broker is away: see :mod:`supportlens.log_floods`."""
+        config: dict[str, Any] = {"bootstrap.servers": self.kafka_bootstrap, "logger": KAFKA_CLIENT_LOG,
+                                  **self.kafka_client}
         if self.kafka_sasl_username is not None:
             config["sasl.username"] = self.kafka_sasl_username
         if self.kafka_sasl_password is not None:

@@ -111,6 +111,11 @@ class Metrics:
             "(unauthenticated: no API key or an unknown one, app \"(unknown)\"; rate_limited: over the app's rate, "
             "answered 429 with Retry-After).", ["app", "reason"], namespace=ns, registry=registry,
         )
+        self.gateway_unconfirmed = Counter(
+            "gateway_unconfirmed", "Requests the gateway answered 503 because Kafka did not confirm their records in "
+            "time (Kafka away or stalled); clients retry with the same ids. By endpoint.", ["endpoint"],
+            namespace=ns, registry=registry,
+        )
         self.notification_deliveries = Counter(
             "notification_deliveries", "Attempts to deliver a customer notification, by channel and outcome "
             "(delivered | failed | rate_limited | dead_lettered | skipped_drill | no_channel).", ["channel", "outcome"],

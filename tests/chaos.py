@@ -124,6 +124,9 @@ class Service:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def lines(self) -> list[str]:
+        return self.log.read_text(errors="replace").splitlines()
+
     def tail(self, lines: int = 60) -> str:
         kept = [line for line in self.log.read_text(errors="replace").splitlines()
                 if not any(noise in line for noise in _RECONNECT_NOISE)]

@@ -47,6 +47,9 @@ from supportlens.topic_reader import read_range
 from supportlens.topics import provision
 
 HOUR_US = 3_600_000_000
+# Lines serve or gateway may write while the broker is away, whatever the outage's length:
+# each kind of complaint once a minute (supportlens.log_floods); unquieted it was thousands.
+MAX_LINES_WHILE_DOWN = 60
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +121,13 @@ def test_a_broker_crash_under_load_loses_nothing_and_the_pipeline_resumes_by_its
         gateway.wait_for("gateway listening")
         traffic.start().wait_for_requests(150)  # flowing end to end before the fault
 
+        logged_before = {service.name: len(service.lines()) for service in (serve, gateway)}
         broker_to_crash.crash()
         time.sleep(fault_lengths.broker_down_s)  # the fault: load goes on, clients are refused meanwhile
         health_while_down = _health(gateway_url)
         down_alive = {service.name: service.alive for service in (serve, gateway)}
+        logged_while_down = {service.name: service.lines()[logged_before[service.name]:]
+                             for service in (serve, gateway)}
         broker_to_crash.start()
 
         resumed_from = traffic.acknowledged_requests()
@@ -160,7 +166,8 @@ def test_a_broker_crash_under_load_loses_nothing_and_the_pipeline_resumes_by_its
         gateway.stop()
         serve.stop()
     print(f"\n{len(ids)} requests, {len(acknowledged.reports)} reports acknowledged; "
-          f"{len(traffic.refusals)} answers 503 while Kafka was away; rows {counts.rows}; stored {counts.stored}")
+          f"{len(traffic.refusals)} answers 503 while Kafka was away; rows {counts.rows}; stored {counts.stored}; "
+          f"log lines while it was away: { {name: len(lines) for name, lines in logged_while_down.items()} }")
 
     # the gateway refused what it could not store, in a way a client can act on; it never went silent
     assert traffic.refusals, "no client noticed the outage: the test did not test anything"
@@ -176,6 +183,11 @@ def test_a_broker_crash_under_load_loses_nothing_and_the_pipeline_resumes_by_its
         assert Counter(e.id for e in told) == Counter(r for r, q in acknowledged.reports.items()
                                                       if q in acknowledged.requests[user])
         assert {(e.status, e.diagnosis_class) for e in told} <= {("diagnosed", "server_error")}
+    # the outage is told, not shouted: each client's complaint about once a minute, not every 50 ms
+    for name, lines in logged_while_down.items():
+        assert any("Connect" in line or "connect" in line for line in lines), f"{name} never said Kafka was away"
+        assert len(lines) <= MAX_LINES_WHILE_DOWN, f"{name} logged {len(lines)} lines while Kafka was away:\n" + \
+            "\n".join(lines[:40])
     # requests whose spans were refused in between are correlated all the same
     assert straddling, "no request was caught by the outage"
     assert [(c.request_id, c.completeness, len(c.spans)) for c in straddling] == \

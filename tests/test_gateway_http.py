@@ -21,6 +21,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from prometheus_client import CollectorRegistry
 
 from helpers import free_port
 from supportlens import contracts
@@ -31,6 +32,7 @@ from supportlens.gateway.ingest import OutRecord
 from supportlens.gateway.producer import StorageUnavailable
 from supportlens.gateway.server import open_site
 from supportlens.gateway.status import ReportBook
+from supportlens.metrics import Metrics
 
 LIMIT = 4096  # max_record_bytes of these tests (the smallest the settings allow is 1024)
 
@@ -145,6 +147,7 @@ class Served:
     sink: MemorySink
     book: ReportBook
     settings: Settings
+    registry: CollectorRegistry
 
 
 @pytest.fixture
@@ -158,12 +161,12 @@ def gateway(monkeypatch, tmp_path):
         port = free_port()
         settings = load_settings(kafka_bootstrap="127.0.0.1:1", topic_prefix="t.", state_dir=tmp_path,
                                  gateway_port=port, max_record_bytes=LIMIT, **overrides)
-        served = Served(f"http://127.0.0.1:{port}", MemorySink(), ReportBook(), settings)
+        served = Served(f"http://127.0.0.1:{port}", MemorySink(), ReportBook(), settings, CollectorRegistry())
         ids = iter(f"report-{n}" for n in range(1, 1000))
 
         async def main(stop: asyncio.Event) -> None:
             app = build_app(settings, served.sink, served.book, clock_us=lambda: 1_700_000_000_000_000,
-                            new_report_id=lambda: next(ids))
+                            new_report_id=lambda: next(ids), metrics=Metrics(served.registry))
             runner = await open_site(app, "127.0.0.1", port)
             await stop.wait()
             await runner.cleanup()
@@ -346,4 +349,6 @@ def test_when_kafka_does_not_take_the_records_the_client_is_told_to_retry(gatewa
     assert answer.status == 503 and answer.headers["Retry-After"] == "5"
     assert "timed out; retry later with the same ids" in answer.json()["error"]
     assert served.book.lookup("report-1") is None  # not stored, so not promised
+    assert served.registry.get_sample_value("supportlens_gateway_unconfirmed_total",
+                                            {"endpoint": "/v1/reports"}) == 1
     assert (health.status, health.json()) == (503, {"error": "Kafka does not answer"})

@@ -56,6 +56,7 @@ class Counters:
     internal_errors: int = 0
     refused_unauthenticated: int = 0  # no API key, or one of no app
     refused_rate_limited: int = 0  # an app over its rate
+    unconfirmed: int = 0  # answered 503: Kafka did not confirm the records in time
 
 
 def now_us() -> int:
@@ -186,8 +187,11 @@ class Gateway:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def json_errors(limit: int, counters: Counters) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def json_errors(
+    limit: int, counters: Counters, metrics: Metrics
+) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     """Middleware: every failure becomes ``{"error": …}``; ours are logged, never shown."""
+    unconfirmed = metrics.gateway_unconfirmed
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -196,6 +200,10 @@ def json_errors(limit: int, counters: Counters) -> Callable[[web.Request, Handle
         except RequestRejected as exc:
             return error_response(exc.status, exc.message)
         except StorageUnavailable as exc:
+            counters.unconfirmed += 1
+            # match_info.route.resource: the endpoint's pattern, not the path (a report id is no label)
+            resource = request.match_info.route.resource
+            unconfirmed.labels(resource.canonical if resource is not None else "?").inc()
             log.warning("%s %s: %s", request.method, request.path, exc)
             # "not confirmed", not "not stored": a stalled broker may still append it; a retry with
             # the same ids is then the same record (see receipts)
@@ -288,9 +296,10 @@ def build_app(
     if access is None:
         access = AccessControl.from_settings(settings)
     gateway = Gateway(settings, sink, book, clock_us, new_report_id)
-    middlewares = [json_errors(settings.max_record_bytes, gateway.counters)]
+    metrics = metrics or process_metrics()
+    middlewares = [json_errors(settings.max_record_bytes, gateway.counters, metrics)]
     if not access.open:
-        middlewares.append(access_checks(access, gateway.counters, metrics or process_metrics()))
+        middlewares.append(access_checks(access, gateway.counters, metrics))
     app = web.Application(client_max_size=settings.max_record_bytes, middlewares=middlewares)
     app[GATEWAY] = gateway
     app.add_routes(

@@ -15,6 +15,7 @@ from supportlens.gateway.app import GATEWAY, Counters, build_app, public_base_ur
 from supportlens.gateway.ingest import BEHAVIOUR, CLIENT_SPANS, FAULT_REPORTS, SERVER_SPANS
 from supportlens.gateway.producer import KafkaRecordSink
 from supportlens.gateway.status import DIAGNOSED_TOPIC, DiagnosedReportFollower, ReportBook
+from supportlens.log_floods import quiet_repeats
 from supportlens.topics import require_topics
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,9 @@ def run_gateway(settings: Settings, loglevel: str = "info") -> None:
     """Serve until SIGINT or SIGTERM (see :func:`serve`); logs what was done on the way out."""
     logging.basicConfig(level=getattr(logging, loglevel.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # while Kafka is away every refused request would log a line: the 503s are counted in
+    # supportlens_gateway_unconfirmed_total and in the line logged at shutdown
+    quiet_repeats("supportlens.gateway.app")
     asyncio.run(_serve_until_signalled(settings))
 
 
