@@ -8,8 +8,9 @@ and then lets the next one through with how many it dropped. "The same kind" is 
 logger, level and message with its numbers left out (ports, milliseconds and client
 numbers change from one retry to the next; what went wrong does not).
 
-Only the Kafka clients' loggers are quieted: our own log lines are each worth reading.
-librdkafka's lines reach Python logging through :data:`KAFKA_CLIENT_LOG` (the ``logger``
+Only the Kafka clients' loggers are quieted, and the gateway's line per request answered
+503 (one a request while Kafka is away; those are counted in its metrics): our other log
+lines are each worth reading. librdkafka's lines reach Python logging through :data:`KAFKA_CLIENT_LOG` (the ``logger``
 option of every confluent client, see :meth:`Settings.kafka_config`), so they are also
 screened for secrets and formatted like every other line.
 """
@@ -79,7 +80,7 @@ def quiet_repeats(*prefixes: str, window_s: float = WINDOW_S) -> QuietRepeats:
     quiet = QuietRepeats(window_s)
     names = [name for name in logging.Logger.manager.loggerDict
              if any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)]
-    for name in {*names, *(p for p in prefixes)}:
+    for name in {*names, *prefixes}:
         logger = logging.getLogger(name)
         if not any(isinstance(f, QuietRepeats) for f in logger.filters):
             logger.addFilter(quiet)

@@ -128,8 +128,7 @@ class Service:
         return self.log.read_text(errors="replace").splitlines()
 
     def tail(self, lines: int = 60) -> str:
-        kept = [line for line in self.log.read_text(errors="replace").splitlines()
-                if not any(noise in line for noise in _RECONNECT_NOISE)]
+        kept = [line for line in self.lines() if not any(noise in line for noise in _RECONNECT_NOISE)]
         return "\n".join(kept[-lines:])
 
     def stop(self) -> None:
