@@ -58,6 +58,7 @@ class SeverityRules(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class RootRules(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     priority: list[str]
+    cover_share: float = 0.9
 
 
 class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -82,6 +83,9 @@ def load_policy(path: Path = DEFAULT_POLICY_PATH) -> Policy:
     if unknown:
         raise UserError(f"incident policy {path}: unknown dimensions in root.priority: {', '.join(unknown)}",
                         hint=f"dimensions are {', '.join(DIMENSIONS)}")
+    if not 0 < policy.root.cover_share <= 1:
+        raise UserError(f"incident policy {path}: root.cover_share is {policy.root.cover_share}, "
+                        "a share of the incident's users", hint="give a number above 0 and at most 1, e.g. 0.9")
     return policy
 
 
@@ -401,9 +405,16 @@ class IncidentBook:
                 if len(refs := values.get(d, [])) == 1 and 2 * refs[0].affected_users >= widest}
 
     def _root_key(self, incident: Incident) -> str:
+        """The first dimension of the policy's priority whose lone surging value covers (nearly)
+        all the incident's users. Coverage comes first: in a payment outage the most used app
+        version surges alone too, with only its share of the users, and it is not what failed."""
         dimensions = self._dimensions(incident)
+        widest = _users(incident)
         for dimension in self.policy.root.priority:
-            if dimension in dimensions:
+            if dimension not in dimensions:
+                continue
+            ref = incident.surges.get(f"{dimension}={dimensions[dimension]}")
+            if ref is None or ref.affected_users >= self.policy.root.cover_share * widest:
                 return f"{dimension}={dimensions[dimension]}"
         keys = sorted(incident.surges)
         return keys[0] if keys else "manual"

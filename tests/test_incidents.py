@@ -147,6 +147,15 @@ def test_a_lone_value_holding_few_of_the_users_is_not_what_failed():
     assert declared.root_key == "network=China Telecom"  # the policy's priority: network first
 
 
+def test_the_root_is_the_first_lone_value_that_covers_the_incident_not_a_release_with_half_its_users():
+    # a payment outage: the most used release surges alone too, with about half the users
+    [declared] = new_book().on_surges([start("service=payment", 0, users=85),
+                                       start("diagnosis_class=server_error", 0, users=85),
+                                       start("app_version=5.2.0", 0, users=44)])
+    assert declared.dimensions["app_version"] == "5.2.0"  # it surged alone, with half the users or more
+    assert declared.root_key == "service=payment"  # but app_version comes first only if it covers 90 %
+
+
 @pytest.mark.parametrize(("starts_s", "same_incident"), [(120, True), (130, False)])
 def test_a_surge_joins_an_incident_when_it_starts_within_the_merge_window_of_its_latest_surge(starts_s, same_incident):
     """Related surges start together; one starting long into an outage is another incident,
@@ -395,6 +404,7 @@ def broken(tmp_path: Path, old: str, new: str) -> Path:
     ('priority = ["network"', 'priority = ["colour", "network"', "unknown dimensions in root.priority: colour"),
     ("cooldown_s = 120", "", "cooldown_s"),
     ("sev1_users = 2000", 'sev1_users = "many"', "sev1_users"),
+    ("cover_share = 0.9", "cover_share = 90", "root.cover_share is 90"),
 ])
 def test_a_broken_policy_file_is_a_user_error_that_names_the_mistake(tmp_path, old, new, words):
     path = broken(tmp_path, old, new)
