@@ -39,11 +39,15 @@ class BulkProducer:
         if err is not None and len(self.failures) < MAX_FAILURES_KEPT:
             self.failures.append(err.str())
 
-    def send(self, topic: str, key: str, value: bytes, ts_us: int | None = None) -> None:
+    def send(self, topic: str, key: str, value: bytes, ts_us: int | None = None, partition: int | None = None) -> None:
         """Queue one record (``topic`` is the full name); waits while the local queue is full.
 
-        Raises :class:`UserError` when librdkafka refuses the record outright."""
-        extra = {} if ts_us is None else {"timestamp": ts_us // 1000}
+        ``partition`` None leaves it to the partitioner (murmur2 of ``key``); a batch of spans
+        names the partition all its request ids belong to. Raises :class:`UserError` when
+        librdkafka refuses the record outright."""
+        extra: dict[str, int] = {} if ts_us is None else {"timestamp": ts_us // 1000}
+        if partition is not None:
+            extra["partition"] = partition
         while True:
             try:
                 self._producer.produce(topic, value=value, key=key, on_delivery=self._delivered, **extra)

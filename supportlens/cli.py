@@ -567,10 +567,12 @@ def drill(
         summary = run_drill(settings, support, options,
                             progress=lambda done, total, sent: bar.update(task, completed=done, total=total, sent=sent))
     since, until = summary.window_us
-    table = Table("topic", "records", title=f"drill {summary.drill_id} of {summary.incident.incident_id}: "
+    table = Table("topic", "replayed", "records", title=f"drill {summary.drill_id} of {summary.incident.incident_id}: "
                   f"{summary.incident.title or summary.incident.root_key}")
-    for topic in ("client-spans", "server-spans", "fault-reports"):
-        table.add_row(settings.topic(topic), f"{summary.counts.get(topic, 0):,}")
+    # spans travel in batch records, so what was replayed and the records it took differ
+    for topic, unit in (("client-spans", "spans"), ("server-spans", "spans"), ("fault-reports", "reports")):
+        table.add_row(settings.topic(topic), f"{summary.counts.get(topic, 0):,} {unit}",
+                      f"{summary.records.get(topic, 0):,}")
     console.print(table)
     console.print(f"replayed {_utc(since)} – {_utc(until)} (recorded) as {_utc(summary.drill_start_us)} – "
                   f"{_utc(summary.drill_start_us + until - since)}; every id is now drill-{summary.drill_id}-<id>, "

@@ -4,7 +4,8 @@ The spans and fault reports of the incident's window (from ``lead`` before its s
 ``tail`` after its end) are read back from ClickHouse, moved in time so the window starts
 now, given new ids so no drill record ever replaces a real row, marked with the attribute
 ``supportlens.drill = true``, and produced to ``client-spans``, ``server-spans`` and
-``fault-reports`` in event-time order. The pipeline sees the same traffic as then and
+``fault-reports`` in event-time order, the spans of each recorded second in batch records
+per partition as the gateway and the simulator write them. The pipeline sees the same traffic as then and
 decides again; whatever it declares is a drill (DESIGN.md §5).
 
 Event times keep the incident's pace, because surge detection counts in event time;
@@ -35,6 +36,7 @@ from supportlens.bulk_producer import BulkProducer
 from supportlens.config import Settings
 from supportlens.contracts import FaultReport, InvalidRecord, Span, decode, encode
 from supportlens.errors import UserError
+from supportlens.span_batches import pack_spans
 from supportlens.store.recorded import ATTACHED_TO_REPORT, DRILL_ATTRIBUTE, RecordedIncident
 from supportlens.support.access import Support
 from supportlens.topics import require_topics
@@ -138,7 +140,8 @@ class DrillSummary:
     incident: RecordedIncident
     window_us: tuple[int, int]  # recorded
     drill_start_us: int
-    counts: dict[str, int]  # logical topic → records sent
+    counts: dict[str, int]  # logical topic → spans or reports sent
+    records: dict[str, int]  # logical topic → Kafka records they went in (spans in batches)
     refused: int  # records the contracts refused after the transform (not sent)
     skipped: list[str]  # why, for the first 20 of them
     logs_lost: int  # reports whose client log could not be rebuilt from the store
@@ -211,13 +214,28 @@ def _replay(settings: Settings, support: Support, options: DrillOptions, drill_i
     drill = Drill(drill_id, origin_us=since, start_us=now_us(), speed=options.speed)
     producer = BulkProducer(settings)
     counts: Counter[str] = Counter()
+    sent: Counter[str] = Counter()
     skipped: list[str] = []
     refused = 0
     logs_lost = 0
     total_s = max(1, (until - since) // SECOND_US)
     reported_s = -1
+    pending: list[tuple[str, Span]] = []  # the spans of the recorded second being replayed
+    pending_s = -1
     wall_start = time.monotonic()
+
+    def send_pending() -> None:
+        for topic, batch in pack_spans(pending, settings.partitions, settings.max_record_bytes):
+            producer.send(settings.topic(topic), batch.key, batch.value, batch.latest_us, batch.partition)
+            sent[topic] += 1
+        pending.clear()
+
     for at_us, _, record, log_length in itertools.chain([first], records):
+        done_s = (at_us - since) // SECOND_US
+        # a recorded second's spans go as batch records before anything later, and before a
+        # report (which names requests of earlier seconds): the pipeline sees event-time order
+        if pending and (done_s != pending_s or not isinstance(record, Span)):
+            send_pending()
         delay = wall_start + drill.due_s(at_us) - time.monotonic()
         if delay > 0:
             producer.wait(delay)
@@ -237,20 +255,26 @@ def _replay(settings: Settings, support: Support, options: DrillOptions, drill_i
             if len(skipped) < 20:
                 skipped.append(f"{topic} {key}: {exc.reason}")
             continue
-        producer.send(settings.topic(topic), key, value, ts_us)
+        if isinstance(out, Span):
+            pending.append((topic, out))
+            pending_s = done_s
+        else:
+            producer.send(settings.topic(topic), key, value, ts_us)
+            sent[topic] += 1
         counts[topic] += 1
-        done_s = (at_us - since) // SECOND_US
         if progress and done_s != reported_s:
             reported_s = done_s
-            progress(min(done_s, total_s), total_s, sum(counts.values()))
+            progress(min(done_s, total_s), total_s, sum(sent.values()))
         if producer.failed:
             break
+    send_pending()
     producer.finish(f"drill {drill_id} is incomplete; records sent so far stay marked as this drill",
                     hint=f"check the broker at {settings.kafka_bootstrap}")
     if progress:
-        progress(total_s, total_s, sum(counts.values()))
+        progress(total_s, total_s, sum(sent.values()))
     return DrillSummary(drill_id=drill_id, incident=incident, window_us=(since, until), drill_start_us=drill.start_us,
-                        counts=dict(counts), refused=refused, skipped=skipped, logs_lost=logs_lost)
+                        counts=dict(counts), records=dict(sent), refused=refused, skipped=skipped,
+                        logs_lost=logs_lost)
 
 
 def _span_out(span: Span, drill: Drill) -> tuple[str, Span, str, int]:

@@ -87,3 +87,22 @@ def spy_on_compare_digest(monkeypatch) -> list[tuple]:
 
     monkeypatch.setattr(hmac, "compare_digest", spy)
     return calls
+
+
+def spans_in_records(records, partitions: int | None = None) -> list:
+    """The spans of span-topic records (``OutRecord``-like: ``key``, ``value``, optional
+    ``partition``), in order, after checking each record is placed as the batch contract says:
+    keyed by its first span's request id, and every span's request id on its partition."""
+    from supportlens.span_batches import decode_spans, partition_of
+
+    spans = []
+    for record in records:
+        decoded = decode_spans(record.value)
+        assert not decoded.rejected, decoded.rejected
+        assert decoded.spans and record.key == decoded.spans[0].request_id
+        if partitions is not None:
+            where = {partition_of(span.request_id.encode(), partitions) for span in decoded.spans}
+            named = getattr(record, "partition", None)
+            assert len(where) == 1 and named in (None, *where), (where, named, record.key)
+        spans.extend(decoded.spans)
+    return spans

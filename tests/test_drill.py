@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from conftest import subprocess_dsn
 from helpers import free_port, settings_env, supportlens_cmd
+from supportlens.span_batches import decode_spans, partition_of
 from sinks.clickhouse_rows import MAPPINGS, RecordMeta, to_landing_json, to_row
 from span_factory import client, server
 from supportlens import store
@@ -333,10 +334,12 @@ def _drilled(settings: Settings, drill_id: str) -> dict[str, list]:
     for topic in out:
         kind = FaultReport if topic == "fault-reports" else Span
         for message in read_range(settings, [settings.topic(topic)]):
-            record = decode(message.value(), kind)
-            if record.attributes.get(DRILL_ATTRIBUTE) is True and \
-                    (record.report_id if kind is FaultReport else record.request_id).startswith(f"drill-{drill_id}-"):
-                out[topic].append((message.key().decode(), message.timestamp()[1], record))
+            # spans come in batch records: each span is listed with its record's key and timestamp
+            records = [decode(message.value(), kind)] if kind is FaultReport else decode_spans(message.value()).spans
+            for record in records:
+                if record.attributes.get(DRILL_ATTRIBUTE) is True and \
+                        (record.report_id if kind is FaultReport else record.request_id).startswith(f"drill-{drill_id}-"):
+                    out[topic].append((message.key().decode(), message.timestamp()[1], record))
     return out
 
 
@@ -354,7 +357,9 @@ def _check_replay(drilled: dict[str, list], drill: Drill, spans: list[Span], rep
     for topic in ("client-spans", "server-spans"):
         for key, ts_ms, span in drilled[topic]:
             original = by_new[(span.request_id, span.side, span.span_id, span.service)]
-            assert key == span.request_id and ts_ms == span.start_us // 1000
+            # in a batch of its partition, stamped with the latest start of its recorded second
+            assert partition_of(key.encode(), 3) == partition_of(span.request_id.encode(), 3)
+            assert span.start_us // 1000 <= ts_ms < span.start_us // 1000 + 1000
             assert span.trace_id == drill.remap(original.trace_id)
             shifts.add(span.start_us - original.start_us)
             assert msgspec.structs.replace(span, request_id=original.request_id, trace_id=original.trace_id,

@@ -27,7 +27,8 @@ from hypothesis import strategies as st
 
 import fuzz_strategies as fs
 from fuzzing import assert_readable, case, fuzz_settings
-from helpers import WorkerProcess
+from helpers import WorkerProcess, spans_in_records
+from supportlens.span_batches import decode_spans, partition_of
 from sinks.clickhouse_rows import MAPPINGS, RecordMeta, to_landing_json, to_row
 from streams.dead_letters import MAX_REASON_BYTES, dead_letter_headers
 from supportlens import accounts, contracts, otlp
@@ -54,6 +55,10 @@ from supportlens.topic_reader import read_range
 from supportlens.topics import provision
 
 MAX_BYTES = 1_048_576  # the default max_record_bytes
+
+
+def _span_order(span: Span) -> tuple[str, str, int]:
+    return span.request_id, span.span_id, span.start_us
 LIMIT = 4096  # a gateway's small limit, so bodies cross it
 RECORD_TYPES = list(contracts.KIND_NAMES)
 ID_FIELDS: dict[type, tuple[str, ...]] = {
@@ -259,9 +264,11 @@ def check_accept_spans(payload: dict[str, Any], anonymize: bool = False) -> None
     assert batch.refused == batch.rejected + batch.withheld
     if batch.refused:
         assert_readable(batch.message())
-    for record, span in zip(ingest.span_records(batch.spans), batch.spans, strict=True):
-        assert record.key == span.request_id
-        assert contracts.decode(record.value, Span) == span
+    records = ingest.span_records(batch.spans, 6, MAX_BYTES)
+    for topic in ("client-spans", "server-spans"):
+        sent = spans_in_records([r for r in records if r.topic == topic], 6)
+        assert sorted(sent, key=_span_order) == sorted((s for s in batch.spans if f"{s.side}-spans" == topic),
+                                                       key=_span_order)
 
 
 @fuzz_settings(400)
@@ -394,11 +401,12 @@ def test_accept_fault_report_takes_any_body(body, anonymize):
         return
     report = accepted.report
     assert (report.received_at_us, report.client_ip) == (fs.T0, "203.0.113.7")  # the gateway's, as given
-    records = accepted.records()
-    assert [r.topic for r in records] == ["fault-reports"] + ["client-spans"] * len(report.client_log)
+    records = accepted.records(6, LIMIT)
+    assert records[0].topic == "fault-reports" and {r.topic for r in records[1:]} <= {"client-spans"}
     assert_round_trips(contracts.decode(records[0].value, FaultReport))
-    for record in records[1:]:
-        span = contracts.decode(record.value, Span)
+    attached = spans_in_records(records[1:], 6)
+    assert len(attached) == len(report.client_log)
+    for span in attached:
         assert_round_trips(span)
         assert span.side == "client" and span.attributes[ingest.ATTACHED_TO_REPORT] == report.report_id
 
@@ -557,8 +565,8 @@ def test_dead_letter_headers_carry_a_reason_any_consumer_can_read(reason, topic,
 
 # What the worker reads, and the decoder that decides whether a record is taken or dead-lettered.
 WORKER_INPUTS: dict[str, tuple[Any, Any]] = {
-    "client-spans": (fs.plain(fs.SPAN), lambda v: contracts.decode(v, Span)),
-    "server-spans": (fs.plain(fs.SPAN) | {"side": "server"}, lambda v: contracts.decode(v, Span)),
+    "client-spans": (fs.plain(fs.SPAN), decode_spans),
+    "server-spans": (fs.plain(fs.SPAN) | {"side": "server"}, decode_spans),
     "fault-reports": (fs.plain(fs.RECORDS[FaultReport]), lambda v: contracts.decode(v, FaultReport)),
     "reports-by-request": (fs.plain(fs.RECORDS[FaultReport]), lambda v: contracts.decode(v, FaultReport)),
     "incident-signals": (fs.plain(fs.SIGNALS[0]) | {"kind": "count"}, contracts.decode_signal),
@@ -571,19 +579,57 @@ FAST = {"SUPPORTLENS_CORRELATION_GRACE_S": "2", "SUPPORTLENS_CORRELATION_SETTLE_
 
 
 def rejected_by_worker(topic: str, value: bytes | None) -> bool:
+    """Dead-lettered whole, or (a batch of spans) a span of it at least."""
     if value is not None and len(value) > KAFKA_RECORD_LIMIT:
         return False
     try:
-        WORKER_INPUTS[topic][1](value or b"")
+        decoded = WORKER_INPUTS[topic][1](value or b"")
     except InvalidRecord:
         return True
-    return False
+    return bool(getattr(decoded, "rejected", False))
+
+
+def worker_dead_letters(topic: str, partition: int, offset: int, value: bytes | None, partitions: int
+                        ) -> dict[tuple[str, int, int, int | None], bytes | None]:
+    """The dead letters the worker owes for one malformed record, by origin and batch position
+    (None: the record whole), with the value each carries: the record, or the bad span alone —
+    which is also the case of a good span in a batch of another partition."""
+    logical = topic.split(".", 1)[1]
+    try:
+        decoded = WORKER_INPUTS[logical][1](value or b"")
+    except InvalidRecord:
+        return {(topic, partition, offset, None): value}
+    owed = {(topic, partition, offset, position): raw
+            for (position, _), raw in zip(decoded.rejected, decoded.rejected_values)}
+    for position, span in decoded.positions():
+        if partition_of(span.request_id.encode(), partitions) != partition:
+            owed[(topic, partition, offset, position)] = contracts.encode(span)
+    return owed
+
+
+def _batch_of(shape: Any) -> st.SearchStrategy[bytes]:
+    """A batch record: valid spans and a mutated one or more, each item still JSON."""
+    item = st.one_of(st.just(fs.to_json(shape)), fs.mutations_of(shape, max_steps=1).map(fs.to_json))
+    return st.lists(item.filter(_is_json), min_size=1, max_size=6).map(lambda items: b"[" + b",".join(items) + b"]")
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        msgspec.json.decode(data)
+    except (msgspec.DecodeError, *contracts.UNREADABLE):
+        return False
+    return True
+
+
+def _malformed_value(topic: str) -> st.SearchStrategy[bytes]:
+    bad = fs.json_bytes_for(WORKER_INPUTS[topic][0])
+    return st.one_of(bad, _batch_of(WORKER_INPUTS[topic][0])) if topic.endswith("-spans") else bad
 
 
 malformed_worker_records = st.sampled_from(sorted(WORKER_INPUTS)).flatmap(lambda topic: st.tuples(
     st.just(topic),
     st.one_of(st.none(), st.binary(max_size=24)),
-    st.one_of(st.none(), fs.json_bytes_for(WORKER_INPUTS[topic][0])).filter(
+    st.one_of(st.none(), _malformed_value(topic)).filter(
         lambda value, topic=topic: rejected_by_worker(topic, value)),
 ))
 
@@ -625,11 +671,12 @@ def test_the_worker_dead_letters_every_malformed_record_with_its_reason_and_goes
     assert all(rejected_by_worker(topic, value) for topic, _, value in crashers)
     provision(settings)
     worker = WorkerProcess(settings, tmp_path / "worker.log", **FAST).wait_ready()
-    sent: dict[tuple[str, int, int], bytes | None] = {}
+    sent: dict[tuple[str, int, int, int | None], bytes | None] = {}
 
     def delivered(error: Any, message: Any) -> None:
         assert error is None, error
-        sent[(message.topic(), message.partition(), message.offset())] = message.value()
+        sent.update(worker_dead_letters(message.topic(), message.partition(), message.offset(), message.value(),
+                                        settings.partitions))
 
     try:
         producer = Producer(settings.producer_config())
@@ -642,7 +689,8 @@ def test_the_worker_dead_letters_every_malformed_record_with_its_reason_and_goes
         assert producer.flush(30) == 0
         deadline = time.monotonic() + 120
         while True:
-            dead = {(h["source_topic"].decode(), int(h["source_partition"]), int(h["source_offset"])): (m, h)
+            dead = {(h["source_topic"].decode(), int(h["source_partition"]), int(h["source_offset"]),
+                     int(h["source_position"]) if "source_position" in h else None): (m, h)
                     for m in read_range(settings, [settings.topic("dlq")]) for h in [dict(m.headers() or ())]}
             requests = {m.key().decode() for m in read_range(settings, [settings.topic("requests")])}
             diagnosed = {m.key().decode() for m in read_range(settings, [settings.topic("reports-diagnosed")])}
@@ -651,7 +699,8 @@ def test_the_worker_dead_letters_every_malformed_record_with_its_reason_and_goes
                 break
             assert worker.proc.poll() is None, worker.tail()
             assert time.monotonic() < deadline, (
-                f"{len(set(sent) - set(dead))} of {len(sent)} malformed records not dead-lettered; requests "
+                f"{len(set(sent) - set(dead))} of {len(sent)} malformed records not dead-lettered "
+                f"({[(o, sent[o]) for o in sorted(set(sent) - set(dead))][:10]}); requests "
                 f"{sorted(requests & wanted_requests)}, diagnosed {sorted(diagnosed)}\n{worker.tail()}")
             time.sleep(0.5)
         assert worker.proc.poll() is None, worker.tail()

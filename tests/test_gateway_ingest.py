@@ -31,6 +31,8 @@ from supportlens.gateway.ingest import (
 from supportlens.gateway.receipts import ReportReceipts
 from supportlens.gateway.status import ReportBook, diagnosis_view
 from supportlens.otlp import RequestIdRule
+from helpers import spans_in_records
+from span_factory import client, server
 
 RULE = RequestIdRule(("http.request_id",))
 PROXIES = ClientAddressPolicy((ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("2001:db8:ff::/48")))
@@ -185,9 +187,25 @@ def test_consent_decides_per_resource_and_server_resources_need_none():
         ("d", "client", "203.0.113.7"), ("e", "server", "")]
     assert (batch.withheld, batch.rejected, batch.refused) == (3, 0, 3)
     assert 'supportlens.consent is not "granted"' in batch.message()
-    records = span_records(batch.spans)
+    records = span_records(batch.spans, 6, 1_048_576)
     assert [(r.topic, r.key) for r in records] == [("client-spans", "d"), ("server-spans", "e")]
-    assert contracts.decode(records[0].value, Span).attributes["supportlens.consent"] == "granted"
+    assert spans_in_records(records[:1], 6)[0].attributes["supportlens.consent"] == "granted"
+
+
+def test_an_export_goes_as_one_record_per_topic_and_destination_partition():
+    spans = [client(request_id=f"req-{i}") if i % 3 else server("payment", f"s{i}", "", 0, 5, request_id=f"req-{i}")
+             for i in range(200)]
+    records = span_records(spans, 6, 1_048_576)
+    for topic, side in (("client-spans", "client"), ("server-spans", "server")):
+        mine = [r for r in records if r.topic == topic]
+        # one record per destination partition, each on the partition murmur2 gives its request ids
+        assert sorted(r.partition for r in mine) == list(range(6))
+        assert sorted(s.request_id for s in spans_in_records(mine, 6)) == sorted(
+            s.request_id for s in spans if s.side == side)
+    # a record never passes the readers' limit: a small limit splits a partition's spans
+    small = span_records(spans, 6, 2048)
+    assert all(len(r.value) <= 2048 for r in small) and len(small) > len(records)
+    assert sorted(s.request_id for s in spans_in_records(small, 6)) == sorted(s.request_id for s in spans)
 
 
 def test_rejected_spans_keep_their_paths_when_resources_before_them_are_withheld():
@@ -257,7 +275,7 @@ def test_the_gateway_sets_time_and_address_and_attaches_the_client_log():
     (span,) = accepted.attached_spans
     assert (span.side, span.client_ip, span.attributes["attached_to_report"]) == ("client", "198.51.100.0", "new-id")
     assert report.client_log[0].client_ip == "198.51.100.0"  # no full address stays in the report either
-    records = accepted.records()
+    records = accepted.records(6, 1_048_576)
     assert [(r.topic, r.key) for r in records] == [("fault-reports", "new-id"), ("client-spans", "req-9")]
     assert contracts.decode(records[0].value, FaultReport) == report
 

@@ -19,7 +19,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from helpers import free_port, settings_env, supportlens_cmd
+from helpers import free_port, settings_env, spans_in_records, supportlens_cmd
+from supportlens.gateway.ingest import OutRecord
 from supportlens import contracts
 from supportlens.config import Settings
 from supportlens.contracts import DiagnosedReport, Diagnosis, FaultReport, Span
@@ -52,9 +53,8 @@ def landed(settings: Settings, since, names=SPAN_TOPICS) -> dict[str, list[tuple
 
 
 def spans_on(records: list[tuple[str, bytes]]) -> list[Span]:
-    spans = [contracts.decode(value, Span) for _, value in records]
-    assert [key for key, _ in records] == [span.request_id for span in spans]  # keyed by request id
-    return spans
+    # batch records, each keyed by its first span's request id
+    return spans_in_records([OutRecord("", key, value) for key, value in records])
 
 
 class OtlpJsonExporter(SpanExporter):

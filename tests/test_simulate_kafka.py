@@ -90,6 +90,7 @@ def test_a_key_lands_on_the_partition_kafkas_java_partitioner_picks(settings, tm
     from aiokafka.partitioner import DefaultPartitioner
 
     from supportlens.simulator.run import SimulateOptions, simulate
+    from supportlens.span_batches import decode_spans
 
     provision(settings)
     simulate(settings, SimulateOptions("normal", 20, 3, speed=0, labels_path=tmp_path / "l.jsonl"))
@@ -97,7 +98,9 @@ def test_a_key_lands_on_the_partition_kafkas_java_partitioner_picks(settings, tm
     topic = settings.topic("server-spans")
     partitions = list(range(settings.partitions))
     checked = 0
-    for message in read_range(settings, [topic]):
+    for message in read_range(settings, [topic]):  # batch records: every span's request id, not just the key
         assert message.partition() == java(message.key(), partitions, partitions)
-        checked += 1
+        for span in decode_spans(message.value()).spans:
+            assert message.partition() == java(span.request_id.encode(), partitions, partitions), span.request_id
+            checked += 1
     assert checked > 50

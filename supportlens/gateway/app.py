@@ -121,7 +121,8 @@ class Gateway:
         payload = otlp_wire.decode_export_request(await self._body(request), encoding)
         batch = ingest.accept_spans(payload, self._rule, self._client_ip(request), self._policy,
                                     self._settings.max_record_bytes)
-        await self._sink.send_all(ingest.span_records(batch.spans))
+        await self._sink.send_all(ingest.span_records(batch.spans, self._settings.partitions,
+                                                      self._settings.max_record_bytes))
         self.counters.spans_stored += len(batch.spans)
         self.counters.spans_rejected += batch.rejected
         self.counters.spans_withheld += batch.withheld
@@ -140,7 +141,7 @@ class Gateway:
             max_bytes=self._settings.max_record_bytes,
             first_receipt=self._receipts.first,
         )
-        await self._sink.send_all(accepted.records())
+        await self._sink.send_all(accepted.records(self._settings.partitions, self._settings.max_record_bytes))
         report_id = accepted.report.report_id
         self._book.accepted(report_id)
         self.counters.reports_accepted += 1

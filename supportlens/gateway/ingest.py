@@ -19,6 +19,7 @@ from supportlens import contracts
 from supportlens.contracts import BehaviourEvent, FaultReport, InvalidRecord, Span
 from supportlens.gateway.addresses import ClientAddressPolicy
 from supportlens.otlp import RequestIdRule, attributes_dict, normalize_request
+from supportlens.span_batches import pack_spans
 
 CLIENT_SPANS, SERVER_SPANS, FAULT_REPORTS, BEHAVIOUR = "client-spans", "server-spans", "fault-reports", "behaviour"
 CONSENT_ATTRIBUTE = "supportlens.consent"
@@ -46,6 +47,7 @@ class OutRecord(NamedTuple):
     topic: str
     key: str
     value: bytes
+    partition: int | None = None  # None: where the producer's partitioner (murmur2) puts ``key``
 
 
 def too_large(limit: int, what: str = "request body") -> RequestRejected:
@@ -226,12 +228,17 @@ def _span_count(resource_span: Mapping[str, Any]) -> int:
     return sum(len(scope.get("spans") or []) if isinstance(scope, Mapping) else 1 for scope in scopes)
 
 
-def span_records(spans: Sequence[Span]) -> list[OutRecord]:
-    """Client spans to ``client-spans``, server spans to ``server-spans``, keyed by request id."""
-    return [
-        OutRecord(CLIENT_SPANS if span.side == "client" else SERVER_SPANS, span.request_id, contracts.encode(span))
-        for span in spans
-    ]
+def span_records(spans: Sequence[Span], partitions: int, max_bytes: int) -> list[OutRecord]:
+    """Client spans to ``client-spans``, server spans to ``server-spans``: one batch record per
+    topic and destination partition of ``partitions`` (the worker pays per record, not per span),
+    each within the readers' ``max_bytes``.
+
+    Each record names its partition, where murmur2 puts every request id in it, and is keyed
+    by its first span's request id, so it is where a key-partitioning producer would put it too.
+    """
+    sides = ((CLIENT_SPANS if span.side == "client" else SERVER_SPANS, span) for span in spans)
+    packed = pack_spans(sides, partitions, max_bytes)
+    return [OutRecord(topic, batch.key, batch.value, batch.partition) for topic, batch in packed]
 
 
 # --- fault reports -----------------------------------------------------------------------
@@ -242,11 +249,12 @@ class AcceptedReport:
     report: FaultReport
     attached_spans: list[Span]  # its client_log, each marked with the report it came with
 
-    def records(self) -> list[OutRecord]:
-        """The report on ``fault-reports``; its attached spans on ``client-spans``."""
+    def records(self, partitions: int, max_bytes: int) -> list[OutRecord]:
+        """The report on ``fault-reports``; its attached spans on ``client-spans``, in batch
+        records as :func:`span_records` makes them."""
         return [
             OutRecord(FAULT_REPORTS, self.report.report_id, contracts.encode(self.report)),
-            *span_records(self.attached_spans),
+            *span_records(self.attached_spans, partitions, max_bytes),
         ]
 
 

@@ -52,6 +52,11 @@ def decode_export_request(body: bytes, encoding: Encoding) -> dict[str, Any]:
         raise RequestRejected(
             400, "body is not a protobuf ExportTraceServiceRequest (the wire format is corrupt)"
         ) from None
+    return to_otlp_json(message)
+
+
+def to_otlp_json(message: ExportTraceServiceRequest) -> dict[str, Any]:
+    """The message in OTLP/JSON form: protobuf's JSON mapping, with hex ids instead of base64."""
     payload = MessageToDict(message)
     for resource_spans in payload.get("resourceSpans", ()):
         for scope_spans in resource_spans.get("scopeSpans", ()):

@@ -87,8 +87,10 @@ class KafkaRecordSink:
             except RuntimeError:  # the loop is closed: nobody waits for this answer any more
                 pass
 
+        # a batch of spans names its partition: where murmur2 puts every request id in it
+        where = {} if record.partition is None else {"partition": record.partition}
         try:
-            self._producer.produce(topic, value=record.value, key=record.key.encode(), on_delivery=delivered)
+            self._producer.produce(topic, value=record.value, key=record.key.encode(), on_delivery=delivered, **where)
         except BufferError:
             future.set_exception(StorageUnavailable("the gateway's queue to Kafka is full"))
         except KafkaException as exc:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 from supportlens.bulk_producer import BulkProducer
 from supportlens.config import Settings
-from supportlens.contracts import encode
+from supportlens.contracts import Span, encode
 from supportlens.errors import UserError
+from supportlens.span_batches import pack_spans
 from supportlens.topics import require_topics
-from supportlens.simulator.generate import SECOND_US, Plan, Simulation
+from supportlens.simulator.generate import SECOND_US, Emit, Plan, Simulation
 from supportlens.simulator.labels import RunLabel, encode_label
 from supportlens.simulator.scenarios import scenario as find_scenario
 from supportlens.simulator.world import build_world
@@ -29,6 +31,40 @@ class SimulateOptions:
     speed: float = 1.0  # simulated seconds per wall second; 0 = as fast as possible
     start: datetime | None = None
     labels_path: Path = Path("labels.jsonl")
+    batch: bool = True  # spans in batch records per partition; False: one span a record, the older format
+
+
+class Outgoing(NamedTuple):
+    """One record to produce; ``topic`` is the logical name."""
+
+    topic: str
+    key: str
+    value: bytes
+    ts_us: int
+    partition: int | None = None  # None: the producer's partitioner (murmur2 of the key)
+
+
+def tick_records(events: Sequence[Emit], partitions: int, batch: bool = True,
+                 max_record_bytes: int = 1_048_576) -> list[Outgoing]:
+    """The records of one simulated second (pure).
+
+    With ``batch`` the spans go first, packed into one record per topic and destination
+    partition (``supportlens.span_batches``), stamped with the latest of their start times;
+    the other records follow in event-time order — so a report never reaches Kafka before
+    spans of its own second. Without it every emit is a record of its own, in order.
+    """
+    if not batch:
+        return [Outgoing(e.topic, e.key, encode(e.record), e.ts_us) for e in events]
+    spans = [(e.topic, e.record) for e in events if isinstance(e.record, Span)]
+    out = [Outgoing(topic, b.key, b.value, b.latest_us, b.partition)
+           for topic, b in pack_spans(spans, partitions, max_record_bytes)]
+    out += [Outgoing(e.topic, e.key, encode(e.record), e.ts_us) for e in events if not isinstance(e.record, Span)]
+    return out
+
+
+def send_records(producer: BulkProducer, settings: Settings, records: Sequence[Outgoing]) -> None:
+    for r in records:
+        producer.send(settings.topic(r.topic), r.key, r.value, r.ts_us, r.partition)
 
 
 def plan_for(options: SimulateOptions) -> Plan:
@@ -63,7 +99,7 @@ def simulate(
     """Produce a whole run to Kafka and write its labels; returns the run summary.
 
     ``progress(seconds_done, seconds_total, records_sent)`` is called once per simulated
-    second. Raises :class:`UserError` when Kafka refuses records: the labels file then
+    second (with ``options.batch`` a record carries many spans). Raises :class:`UserError` when Kafka refuses records: the labels file then
     says so instead of pretending the run is complete.
     """
     plan = plan_for(options)
@@ -76,13 +112,13 @@ def simulate(
     sent = 0
     wall_start = time.monotonic()
     with options.labels_path.open("wb") as labels:
-        for emit in sim.accounts():
-            producer.send(settings.topic(emit.topic), emit.key, encode(emit.record), emit.ts_us)
-            sent += 1
+        accounts = tick_records(sim.accounts(), settings.partitions, batch=False)
+        send_records(producer, settings, accounts)
+        sent += len(accounts)
         for tick in sim.ticks():
-            for emit in tick.events:
-                producer.send(settings.topic(emit.topic), emit.key, encode(emit.record), emit.ts_us)
-            sent += len(tick.events)
+            records = tick_records(tick.events, settings.partitions, options.batch, settings.max_record_bytes)
+            send_records(producer, settings, records)
+            sent += len(records)
             labels.write(b"".join(encode_label(label) for label in tick.labels))
             producer.poll()
             if options.speed > 0:
