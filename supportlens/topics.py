@@ -59,6 +59,8 @@ class TopicSpec:
 TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("client-spans", "request_id", 3 * DAY_MS, join=Join.REQUEST_ID, purpose="spans from client apps"),
     TopicSpec("server-spans", "request_id", 3 * DAY_MS, join=Join.REQUEST_ID, purpose="spans from backend services"),
+    TopicSpec("otlp-spans", "any (trace id or none)", 1 * DAY_MS,
+              purpose="OTLP trace exports as the OTel Collector's kafka exporter writes them (otlp_proto or otlp_json)"),
     TopicSpec("fault-reports", "report_id", 30 * DAY_MS, purpose="one-click fault reports"),
     TopicSpec("behaviour", "user_id", 3 * DAY_MS, purpose="consent-gated behaviour events"),
     TopicSpec("requests", "request_id", 7 * DAY_MS, join=Join.REQUEST_ID, purpose="correlated requests"),
