@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -31,6 +31,7 @@ from supportlens.contracts import (
     decode,
     encode,
 )
+from supportlens.span_batches import decode_spans, rejected_reason
 
 MAX_DEAD_LETTER_VALUE = 65_536  # bytes of a dead record's value kept in ClickHouse; the topic has it whole
 
@@ -67,6 +68,7 @@ def _attributes(values: dict[str, AttributeValue]) -> dict[str, str]:
 
 
 def _span_row(value: bytes, meta: RecordMeta, max_bytes: int) -> list[Any]:
+    # one span's record; the sink lands batches through spans_landing_json
     s = decode(value, Span, max_bytes)
     n = s.network or _NO_NETWORK
     return [
@@ -162,18 +164,19 @@ def _dead_letter_row(value: bytes, meta: RecordMeta, max_bytes: int) -> list[Any
         topic = headers["source_topic"].decode()
         partition = int(headers["source_partition"])
         offset = int(headers["source_offset"])
+        position = int(headers.get("source_position", b"0"))  # 0: the whole record (migration 0010)
     except (KeyError, ValueError, UnicodeDecodeError):
         raise InvalidRecord(
             "dead letter", "headers `source_topic`, `source_partition` and `source_offset` are required"
         ) from None
     reason = headers.get("reason", b"").decode("utf-8", "replace")
     key = (meta.key or b"").decode("utf-8", "replace")
-    return [topic, partition, offset, meta.timestamp_ms, reason, key,
+    return [topic, partition, offset, position, meta.timestamp_ms, reason, key,
             value[:MAX_DEAD_LETTER_VALUE].decode("utf-8", "replace")]
 
 
 DEAD_LETTERS = TableMapping("dead_letters", (
-    "source_topic", "source_partition", "source_offset", "at", "reason", "key", "value",
+    "source_topic", "source_partition", "source_offset", "source_position", "at", "reason", "key", "value",
 ), _dead_letter_row)
 
 
@@ -259,3 +262,26 @@ def to_landing_json(topic: str, value: bytes | None, max_bytes: int) -> bytes:
     mapping = MAPPINGS[topic]
     assert mapping.record_type is not None, f"{topic} has no landing table"
     return encode(decode(value, mapping.record_type, max_bytes))
+
+
+class LandingSpans(NamedTuple):
+    """One span record as landing lines: its good spans, and the bad ones of a batch."""
+
+    lines: bytes  # JSON lines, one per good span ("" when none is good)
+    count: int
+    rejected: list[tuple[int, str, bytes]]  # (position in the batch, reason naming it, the span's own bytes)
+
+
+def spans_landing_json(value: bytes | None, max_bytes: int) -> LandingSpans:
+    """A span topic's record (one span or a batch, ``supportlens.span_batches``) as landing lines.
+
+    A bad span inside a batch is returned in ``rejected`` with its position for its own dead
+    letter; its neighbours are stored. Raises InvalidRecord when the record as a whole
+    cannot be read, like :func:`to_landing_json`.
+    """
+    if value is None:
+        raise InvalidRecord("record", "the record has no value (a tombstone is not an event)")
+    record = decode_spans(value, max_bytes)
+    rejected = [(position, rejected_reason(position, reason), bad)
+                for (position, reason), bad in zip(record.rejected, record.rejected_values)]
+    return LandingSpans(b"\n".join(encode(span) for span in record.spans), len(record.spans), rejected)

@@ -28,7 +28,15 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 
-from sinks.clickhouse_rows import MAPPINGS, RecordMeta, TableMapping, to_landing_json, to_row
+from sinks.clickhouse_rows import (
+    MAPPINGS,
+    SPANS,
+    RecordMeta,
+    TableMapping,
+    spans_landing_json,
+    to_landing_json,
+    to_row,
+)
 from streams.dead_letters import dead_letter_headers
 from supportlens.config import Settings
 from supportlens.contracts import InvalidRecord
@@ -49,6 +57,7 @@ class TableBatch:
     """Rows for one table, and the highest offset they cover per topic-partition."""
 
     rows: list[Any] = field(default_factory=list)  # row lists, or JSON lines for a landing table
+    row_count: int = 0  # rows in ``rows``: an item of a span batch's record holds one line per span
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)
     firsts: dict[tuple[str, int], int] = field(default_factory=dict)
     records: int = 0
@@ -56,18 +65,25 @@ class TableBatch:
     failures: int = 0
     retry_at: float = 0.0
 
-    def add(self, topic: str, partition: int, offset: int, row: Any, now: float) -> None:
+    def add(self, topic: str, partition: int, offset: int, row: Any, now: float, count: int = 1) -> None:
         if not self.records:
             self.started = now
         if row is not None:
             self.rows.append(row)
+            self.row_count += count
         self.offsets[(topic, partition)] = max(offset, self.offsets.get((topic, partition), -1))
         self.firsts.setdefault((topic, partition), offset)
         self.records += 1
 
+    @property
+    def size(self) -> int:
+        """What counts against ``sink_batch_rows``: rows, or records where most were dead letters."""
+        return max(self.records, self.row_count)
+
     def absorb(self, later: "TableBatch") -> None:
         """Append a batch read after this one (same table)."""
         self.rows.extend(later.rows)
+        self.row_count += later.row_count
         for key, offset in later.offsets.items():
             self.offsets[key] = max(offset, self.offsets.get(key, -1))
         for key, first in later.firsts.items():
@@ -174,9 +190,18 @@ class ClickHouseSink:
         meta = (RecordMeta(partition, offset, message.timestamp()[1], message.key(), message.headers() or ())
                 if logical == "dlq" else _NO_META)
         mapping = MAPPINGS[logical]
+        count = 1
         try:
-            row: Any = (to_landing_json(logical, message.value(), self.settings.max_record_bytes) if mapping.landing
-                        else to_row(logical, message.value(), meta, self.settings.max_record_bytes))
+            if mapping is SPANS:  # one span or a batch: good spans land, a bad one is dead-lettered alone
+                spans = spans_landing_json(message.value(), self.settings.max_record_bytes)
+                row: Any = spans.lines if spans.count else None
+                count = spans.count
+                for position, reason, value in spans.rejected:
+                    self._dead_letter(message, logical, reason, value, position)
+            elif mapping.landing:
+                row = to_landing_json(logical, message.value(), self.settings.max_record_bytes)
+            else:
+                row = to_row(logical, message.value(), meta, self.settings.max_record_bytes)
         except InvalidRecord as exc:
             row = None
             self._dead_letter(message, logical, exc.reason)
@@ -184,17 +209,19 @@ class ClickHouseSink:
         batch = self.batches.get(table)
         if batch is None:
             batch = self.batches[table] = TableBatch()
-        batch.add(topic, partition, offset, row, now)
+        batch.add(topic, partition, offset, row, now, count)
         return logical
 
-    def _dead_letter(self, message: Message, logical: str, reason: str) -> None:
+    def _dead_letter(self, message: Message, logical: str, reason: str, value: bytes | None = None,
+                     position: int | None = None) -> None:
+        """``value`` is the bad part when only a part is bad (a span of a batch); else the whole record."""
         if logical == "dlq":
             # never loop a dead letter back into its own topic; it is counted and logged
             log.warning("sink: unreadable dead letter at dlq/%d@%d: %s", message.partition(), message.offset(), reason)
         else:
             self.producer.produce(
-                self.settings.topic("dlq"), value=message.value(), key=message.key(),
-                headers=dead_letter_headers(reason, message.topic(), message.partition(), message.offset()),
+                self.settings.topic("dlq"), value=message.value() if value is None else value, key=message.key(),
+                headers=dead_letter_headers(reason, message.topic(), message.partition(), message.offset(), position),
             )
         self.metrics.dead_letters.labels(logical).inc()
 
@@ -210,7 +237,7 @@ class ClickHouseSink:
             if only is not None and not (set(batch.offsets) & only):
                 continue
             due = (
-                batch.records >= self.settings.sink_batch_rows
+                batch.size >= self.settings.sink_batch_rows
                 or now - batch.started >= self.settings.sink_flush_s
                 or force
             )
@@ -220,7 +247,7 @@ class ClickHouseSink:
                 del self.batches[table]
                 self._finish(table, batch, self._insert(table, batch))
                 continue
-            if self.in_flight is not None and batch.records >= MAX_BATCHES_WAITING * self.settings.sink_batch_rows:
+            if self.in_flight is not None and batch.size >= MAX_BATCHES_WAITING * self.settings.sink_batch_rows:
                 self._collect(block=True)  # ClickHouse is slower than Kafka: wait rather than grow without bound
                 waiting = self.batches.get(table)
                 if waiting is None or waiting.failures:  # the insert that ended failed and took it in: back off
@@ -275,11 +302,11 @@ class ClickHouseSink:
             self._pause(table, batch)
             log.warning(
                 "sink: ClickHouse did not take %d rows for %s (%s); holding %d records uncommitted, "
-                "retry %d in %.1f s", len(batch.rows), table, _first_line(error), batch.records, batch.failures, delay,
+                "retry %d in %.1f s", batch.row_count, table, _first_line(error), batch.records, batch.failures, delay,
             )
             return
-        self.metrics.sink_rows.labels(table).inc(len(batch.rows))
-        self.rows_written += len(batch.rows)
+        self.metrics.sink_rows.labels(table).inc(batch.row_count)
+        self.rows_written += batch.row_count
         # Dead letters of this batch must be on their topic before the records are committed.
         self.producer.flush(30)
         self._commit(batch)

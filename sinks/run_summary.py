@@ -22,6 +22,7 @@ from supportlens.contracts import (
     decode,
 )
 from supportlens.simulator.labels import Label, ReportLabel, RequestLabel, RunLabel
+from supportlens.span_batches import decode_spans, rejected_reason
 
 RECORD_TYPES: dict[str, type] = {
     "client-spans": Span,
@@ -36,7 +37,7 @@ RECORD_TYPES: dict[str, type] = {
 class Observed:
     """What was read back from Kafka for one run."""
 
-    records: Counter[str] = field(default_factory=Counter)  # per logical topic
+    records: Counter[str] = field(default_factory=Counter)  # per logical topic; spans on a span topic
     invalid: Counter[str] = field(default_factory=Counter)  # reason → count
     request_ids: set[str] = field(default_factory=set)
     server_errors_by_service: Counter[str] = field(default_factory=Counter)  # spans answering 503
@@ -44,24 +45,37 @@ class Observed:
 
 
 def observe(messages: Iterable[tuple[str, bytes | None]], max_bytes: int = 1_048_576) -> Observed:
-    """Summarize ``(logical topic, value)`` pairs."""
+    """Summarize ``(logical topic, value)`` pairs.
+
+    A span topic is counted in spans, not records: a record may carry a batch of them, and
+    the simulator's ground truth counts spans. A bad span of a batch is counted as invalid
+    with its position; its neighbours are counted as read.
+    """
     seen = Observed()
     for topic, value in messages:
         record_type = RECORD_TYPES.get(topic)
         if record_type is None:
             continue
         try:
-            record = decode(value or b"", record_type, max_bytes)
+            if record_type is Span:
+                spans = decode_spans(value or b"", max_bytes)
+            else:
+                record = decode(value or b"", record_type, max_bytes)
         except InvalidRecord as exc:
             seen.invalid[f"{topic}: {exc.reason}"] += 1
             continue
-        seen.records[topic] += 1
-        if isinstance(record, Span):
-            seen.request_ids.add(record.request_id)
-            if record.side == "server" and record.status == "error" and record.http_status == 503:
-                seen.server_errors_by_service[record.service] += 1
-        elif isinstance(record, FaultReport):
-            seen.reporting_users.add(record.user_id)
+        if record_type is not Span:
+            seen.records[topic] += 1
+            if isinstance(record, FaultReport):
+                seen.reporting_users.add(record.user_id)
+            continue
+        for position, reason in spans.rejected:
+            seen.invalid[f"{topic}: {rejected_reason(position, reason)}"] += 1
+        seen.records[topic] += len(spans.spans)
+        for span in spans.spans:
+            seen.request_ids.add(span.request_id)
+            if span.side == "server" and span.status == "error" and span.http_status == 503:
+                seen.server_errors_by_service[span.service] += 1
     return seen
 
 
@@ -77,7 +91,7 @@ class Comparison:
 
 
 def compare(run: RunLabel, seen: Observed) -> list[Comparison]:
-    """Per topic: records the simulator sent (ground truth) against records read back."""
+    """Per topic: records the simulator sent (ground truth) against records read back (spans, on span topics)."""
     rows = [Comparison(topic, run.counts.get(topic, 0), seen.records.get(topic, 0)) for topic in RECORD_TYPES]
     rows.append(Comparison("requests with a span", run.visible_requests, len(seen.request_ids)))
     return rows

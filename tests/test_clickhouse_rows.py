@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sinks.clickhouse_rows import MAPPINGS, RecordMeta, to_landing_json, to_row
+from sinks.clickhouse_rows import MAPPINGS, RecordMeta, spans_landing_json, to_landing_json, to_row
 from sinks.clickhouse_sink import backoff_delay
 from span_factory import T0, client, server
 from supportlens.contracts import (
@@ -129,3 +129,15 @@ def test_landing_json_is_the_validated_record_with_unknown_fields_in_attributes(
     assert b"\n" not in line and b'"attributes":{"x":1,"k8s.pod":"api-7"}' in line
     with pytest.raises(InvalidRecord, match="diagnosis.cls"):
         to_landing_json("requests", b'{"request_id":"r1","start_us":1,"diagnosis":{"cls":"nope"}}', 1024)
+
+
+def test_a_span_batch_lands_its_good_spans_and_names_each_bad_one_by_position():
+    good = b'{"request_id":"r%d","side":"client","service":"app","start_us":1,"duration_us":2,"status":"ok"}'
+    batch = b"[" + b",".join([good % 1, b'{"request_id":7}', good % 2]) + b"]"
+    landed = spans_landing_json(batch, 4096)
+    assert landed.count == 2 and [line.count(b'"request_id":"r') for line in landed.lines.split(b"\n")] == [1, 1]
+    ((position, reason, value),) = landed.rejected
+    assert (position, value) == (1, b'{"request_id":7}') and reason.startswith("span [1] of the batch: ")
+    assert spans_landing_json(good % 3, 4096).count == 1  # a one-span record, as older producers write it
+    with pytest.raises(InvalidRecord, match="not valid JSON"):
+        spans_landing_json(b"[{", 4096)

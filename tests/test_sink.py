@@ -29,6 +29,7 @@ from supportlens.metrics import Metrics
 from supportlens.serve import READY_LINE
 from supportlens.simulator.labels import ReportLabel, RequestLabel, read_labels, read_run
 from supportlens.simulator.run import SimulateOptions, simulate
+from supportlens.span_batches import partition_of
 from supportlens.store import lookup
 from supportlens.support.access import RemoteSupport
 from supportlens.topic_reader import read_range
@@ -43,6 +44,20 @@ BAD = [  # (topic, value): each must become one dead letter
 ]
 
 
+def _bad_batch(partitions: int) -> tuple[int, bytes]:
+    """A batch record (for its partition) of two good client spans with two bad ones between:
+    each bad span is one dead letter of its own, the good ones are stored and correlated."""
+    ids = [f"batch-{i}" for i in range(200)]
+    home = partition_of(ids[0].encode(), partitions)
+    good = [i for i in ids if partition_of(i.encode(), partitions) == home][:2]
+    span = lambda rid: (b'{"request_id":"%s","side":"client","service":"app","start_us":%d,"duration_us":5,'  # noqa: E731
+                        b'"status":"ok"}' % (rid.encode(), time.time_ns() // 1000))
+    return home, b"[" + b",".join([span(good[0]), b'{"request_id":7}', span(good[1]), b'"junk"']) + b"]"
+
+
+BATCH_GOOD, BATCH_BAD = 2, 2
+
+
 def _settings(kafka, dsn: str, **extra) -> Settings:
     return load_settings(
         kafka_bootstrap=kafka.bootstrap, topic_prefix=f"s{uuid.uuid4().hex[:8]}.", partitions=3,
@@ -55,8 +70,8 @@ def _expected(labels_path: Path, dead_letters: int) -> dict[str, int]:
     labels = list(read_labels(labels_path))
     run = read_run(labels_path)
     return {
-        "spans": run.counts.get("client-spans", 0) + run.counts.get("server-spans", 0),
-        "requests": len(observable_requests(labels)),
+        "spans": run.counts.get("client-spans", 0) + run.counts.get("server-spans", 0) + BATCH_GOOD,
+        "requests": len(observable_requests(labels)) + BATCH_GOOD,
         "fault_reports": run.counts.get("fault-reports", 0),
         "report_diagnoses": sum(isinstance(label, ReportLabel) for label in labels),
         "behaviour": run.counts.get("behaviour", 0),
@@ -89,6 +104,8 @@ def _produce_bad(settings: Settings) -> None:
     producer = Producer(settings.producer_config())
     for topic, value in BAD:
         producer.produce(settings.topic(topic), key=b"bad", value=value)
+    partition, batch = _bad_batch(settings.partitions)
+    producer.produce(settings.topic("client-spans"), key=b"bad-batch", value=batch, partition=partition)
     assert producer.flush(30) == 0
 
 
@@ -117,7 +134,7 @@ def test_a_simulated_run_lands_in_every_table_once(kafka, clickhouse, tmp_path):
     try:
         simulate(settings, SimulateOptions("service-outage", 100, 40, seed=3, speed=0, labels_path=labels_path))
         _produce_bad(settings)
-        expected = _expected(labels_path, dead_letters=len(BAD))
+        expected = _expected(labels_path, dead_letters=len(BAD) + BATCH_BAD)
         rows = _wait_for_counts(lambda: store.table_counts(client), expected, 180,
                                 lambda: _on_topics(settings) + "\n" + worker.tail())
     finally:
@@ -129,10 +146,15 @@ def test_a_simulated_run_lands_in_every_table_once(kafka, clickhouse, tmp_path):
     # the trends count every request once, in the class the worker gave it
     trend_total = client.query("SELECT uniqMerge(requests) FROM problem_trends").result_rows[0][0]
     assert trend_total == expected["requests"]
-    reasons = dict(client.query("SELECT source_topic, reason FROM dead_letters FINAL").result_rows)
+    reasons = dict(client.query("SELECT source_topic, reason FROM dead_letters FINAL WHERE key = 'bad'").result_rows)
     assert "not valid JSON" in reasons[settings.topic("client-spans")]
     assert "received_at_us" in reasons[settings.topic("fault-reports")]
     assert "name" in reasons[settings.topic("behaviour")]
+    # the batch's two bad spans are a dead letter each, named by position; the value is the span alone
+    batch_letters = client.query("SELECT source_position, reason, value FROM dead_letters FINAL "
+                                 "WHERE key = 'bad-batch' ORDER BY source_position").result_rows
+    assert [(p, r.split(":")[0], v) for p, r, v in batch_letters] == [
+        (1, "span [1] of the batch", '{"request_id":7}'), (3, "span [3] of the batch", '"junk"')]
 
     # support finds the outage: a reporter's timeline, and the failing service on top
     labels = list(read_labels(labels_path))
@@ -184,7 +206,7 @@ def test_a_sink_killed_mid_run_and_restarted_leaves_no_row_missing_or_twice(kafk
         serve = _start_serve(settings, log)
         assert run.wait(120) == 0, run.stderr.read().decode()
         _produce_bad(settings)
-        expected = _expected(labels_path, dead_letters=len(BAD))
+        expected = _expected(labels_path, dead_letters=len(BAD) + BATCH_BAD)
         # the worker wrote every request (a miss here is the worker's, not the sink's)
         assert _distinct_requests(settings, at_least=expected["requests"]) == expected["requests"]
         _wait_for_counts(remote.table_counts, expected, 180, lambda: _on_topics(settings) + "\n" + log.read_text()[-4000:])
