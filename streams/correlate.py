@@ -1,6 +1,6 @@
 """Correlation of client and server spans by request id, as pure functions over a state record.
 
-The worker keeps one :class:`Pending` per request id in a changelog-backed table and
+The worker keeps one :class:`Pending` per request id in memory (``streams.join``) and
 calls these functions; they decide *what* and *when*, never touch Kafka.
 
 When a request is emitted:
@@ -12,19 +12,24 @@ When a request is emitted:
   give up on a side it simply has not read yet; or once that stream has been silent
   for ``grace`` seconds of wall time;
 - a span arriving after emission: at once, as the next ``version``.
-``version`` is the span count, so re-emitting after a crash repeats identical content.
+``version`` (see :func:`request_version`) is the span count with a digest of the spans'
+identities below it: more spans, a higher version; the same version, the same spans. So a
+request rebuilt after a crash from fewer spans than it had (the re-read starts after some
+of them) never repeats a version with other content and never outranks the fuller one.
 A report waiting on a request is diagnosed when the request is emitted.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 import msgspec
 
-from supportlens.contracts import CorrelatedRequest, FaultReport, Hop, Side, Span
+from supportlens.contracts import CorrelatedRequest, FaultReport, Hop, Side, Span, is_drill
 from streams.catalog import Catalog
-from streams.diagnose import diagnose_spans, root_of
+from streams.diagnose import diagnose_spans
 
 
 @dataclass(frozen=True)
@@ -34,8 +39,14 @@ class Timing:
     retain_s: float
 
 
-class Pending(msgspec.Struct, kw_only=True):
-    """What is known of one request id; stored in the worker's table."""
+class Pending(msgspec.Struct, kw_only=True, gc=False):
+    """What is known of one request id, kept in the worker's memory (``streams.join``).
+
+    ``client``, ``servers`` and ``server_ids`` are ``spans`` sorted by side as they came,
+    so the questions asked of a request on every batch (does it wait for a side? which
+    hop is its root?) cost no pass over all of its spans. Untracked by the garbage
+    collector (``gc=False``), like the spans it holds: nothing in it points back at it.
+    """
 
     spans: list[Span] = []
     reports: list[FaultReport] = []  # reports naming this request, not yet answered
@@ -45,18 +56,12 @@ class Pending(msgspec.Struct, kw_only=True):
     emitted_version: int = 0  # span count of the last request emitted; 0 = none yet
     emitted_at_s: float = 0.0
     counted: list[str] = []  # dimensions this request was counted in as failed (surge signals)
-
-
-_encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(Pending)
-
-
-def dump(state: Pending) -> bytes:
-    return _encoder.encode(state)
-
-
-def load(data: bytes) -> Pending:
-    return _decoder.decode(data)
+    identities: set[tuple[str, str, str]] = set()  # of ``spans``, to recognize a redelivery at once
+    client: Span | None = None  # the earliest client span
+    servers: list[Span] = []
+    server_ids: set[str] = set()
+    drill: bool = False  # any span replayed by a drill
+    digest: int = 0  # sum of the spans' identity CRCs, for request_version
 
 
 def _identity(span: Span) -> tuple[str, str, str]:
@@ -67,9 +72,20 @@ def add_span(state: Pending | None, span: Span, now_s: float, ts_ms: int = 0) ->
     """The state with ``span`` (from a record stamped ``ts_ms``) added; ``False`` for a redelivery."""
     state = state or Pending(first_seen_s=now_s)
     key = _identity(span)
-    if any(_identity(s) == key for s in state.spans):
+    if key in state.identities:
         return state, False
+    state.identities.add(key)
+    state.digest += zlib.crc32("\x1f".join(key).encode())
     state.spans.append(span)
+    if span.side == "client":
+        client = state.client
+        if client is None or (span.start_us, span.span_id) < (client.start_us, client.span_id):
+            state.client = span
+    else:
+        state.servers.append(span)
+        state.server_ids.add(span.span_id)
+    if span.attributes and not state.drill:
+        state.drill = is_drill(span.attributes)
     state.last_seen_s = now_s
     if not state.first_seen_s:
         state.first_seen_s = now_s
@@ -100,21 +116,20 @@ def add_report(
     return state, changed
 
 
-def sides(state: Pending) -> tuple[Span | None, list[Span]]:
-    clients = [s for s in state.spans if s.side == "client"]
-    servers = [s for s in state.spans if s.side == "server"]
-    client = min(clients, key=lambda s: s.start_us) if clients else None
-    return client, servers
-
-
 def waiting_for(state: Pending) -> Side | None:
     """The side a request not yet emitted still waits for; ``None`` when it waits for nothing."""
     if state.emitted_version:
         return None
-    client, servers = sides(state)
-    if client is not None and root_of(servers) is not None:
-        return None
-    return "server" if not servers else "client"
+    servers = state.servers
+    if not servers:
+        return "server"
+    if state.client is None:
+        return "client"
+    ids = state.server_ids
+    for span in servers:
+        if span.parent_span_id not in ids:
+            return None  # an entry hop: both sides are in
+    return "client"
 
 
 def due_at(state: Pending, timing: Timing) -> float:
@@ -156,12 +171,32 @@ class SideClock:
         return caught_up and now_s - self.arrived_s.get(side, self.started_s) >= grace_s
 
 
+COUNT_SHIFT = 20  # the version's low 20 bits are the digest, the 12 above them the span count
+MAX_COUNTED = (1 << (32 - COUNT_SHIFT)) - 1  # fits ClickHouse's UInt32 version column
+
+
+def request_version(state: Pending) -> int:
+    """Span count (saturating at 4,095) above a digest of the spans' identities.
+
+    Order-independent (a sum of CRC-32s, kept as spans are added) and the same in every
+    process, so a rebuilt request with the same spans gets the same version, and one with
+    other spans of the same count gets another (they coincide by chance in one in a million).
+    """
+    return (min(len(state.spans), MAX_COUNTED) << COUNT_SHIFT) | (state.digest & ((1 << COUNT_SHIFT) - 1))
+
+
+_hop_order = attrgetter("start_us", "service", "span_id")  # in C: this sorts every emitted request
+
+
 def build_request(request_id: str, state: Pending, catalog: Catalog, drill: bool = False) -> CorrelatedRequest:
     """The correlated request for the spans seen so far (deterministic in the spans, not their order)."""
-    client, servers = sides(state)
-    servers = sorted(servers, key=lambda s: (s.start_us, s.service, s.span_id))
-    root = root_of(servers)
-    start = min([s.start_us for s in servers] + ([client.start_us] if client else []))
+    client = state.client
+    servers = sorted(state.servers, key=_hop_order)
+    ids = state.server_ids
+    # in hop order, the first span without a server caller is root_of's (earliest, then by service)
+    root = next((s for s in servers if s.parent_span_id not in ids), None)
+    start = min(servers[0].start_us, client.start_us) if servers and client else (
+        servers[0].start_us if servers else client.start_us)  # type: ignore[union-attr]
     any_span = client or root or servers[0]
     hops = [
         Hop(
@@ -180,7 +215,7 @@ def build_request(request_id: str, state: Pending, catalog: Catalog, drill: bool
     ]
     return CorrelatedRequest(
         request_id=request_id,
-        version=len(state.spans),
+        version=request_version(state),
         trace_id=any_span.trace_id,
         start_us=start,
         operation=(client or root or any_span).operation,
@@ -204,7 +239,7 @@ def build_request(request_id: str, state: Pending, catalog: Catalog, drill: bool
         teams=sorted({h.team for h in hops}),
         hops=hops,
         span_count=len(state.spans),
-        diagnosis=diagnose_spans(client, servers, catalog),
+        diagnosis=diagnose_spans(client, servers, catalog, root=root, ordered=True),
         completeness="complete" if client and servers else ("client_only" if client else "server_only"),
         drill=drill,
     )

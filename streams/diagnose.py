@@ -13,10 +13,13 @@ from supportlens.contracts import CorrelatedRequest, Diagnosis, DiagnosedReport,
 from streams.catalog import Catalog
 
 
-def _own_time_us(span: Span, servers: list[Span]) -> int:
-    """Time a hop spent itself: its duration minus that of the calls it made."""
-    children = sum(s.duration_us for s in servers if s.parent_span_id == span.span_id and s is not span)
-    return max(0, span.duration_us - children)
+def _callee_time_us(servers: list[Span]) -> dict[str, int]:
+    """Per span id, the summed duration of the calls that span made (its children)."""
+    total: dict[str, int] = {}
+    for s in servers:
+        if s.parent_span_id and s.parent_span_id != s.span_id:
+            total[s.parent_span_id] = total.get(s.parent_span_id, 0) + s.duration_us
+    return total
 
 
 def _deepest(failing: list[Span]) -> Span:
@@ -27,15 +30,22 @@ def _deepest(failing: list[Span]) -> Span:
     return min(leaves or failing, key=lambda s: (-s.start_us, s.service))
 
 
-def root_of(servers: list[Span]) -> Span | None:
-    """The server span whose caller is not another server span (the entry hop)."""
-    ids = {s.span_id for s in servers}
+def root_of(servers: list[Span], ids: set[str] | None = None) -> Span | None:
+    """The server span whose caller is not another server span (the entry hop); ``ids``,
+    the servers' span ids, when the caller has them already."""
+    if ids is None:
+        ids = {s.span_id for s in servers}
     roots = [s for s in servers if s.parent_span_id not in ids]
     return min(roots, key=lambda s: (s.start_us, s.service)) if roots else None
 
 
-def diagnose_spans(client: Span | None, servers: list[Span], catalog: Catalog) -> Diagnosis:
-    """The diagnosis of one request from the spans seen of it."""
+_UNSET = object()
+
+
+def diagnose_spans(client: Span | None, servers: list[Span], catalog: Catalog, *, root: object = _UNSET,
+                   ordered: bool = False) -> Diagnosis:
+    """The diagnosis of one request from the spans seen of it; ``root`` (``root_of(servers)``)
+    and ``ordered`` (servers sorted by start already) spare work the caller has done."""
     version = catalog.version
     failing = [s for s in servers if s.status == "error" or (s.http_status or 0) >= 500]
     if failing:
@@ -77,13 +87,19 @@ def diagnose_spans(client: Span | None, servers: list[Span], catalog: Catalog) -
             return Diagnosis(cls="network_unreachable", code=client.error_code,
                              evidence=f"client error {client.error_code or 'without code'}, no server span",
                              catalog_version=version)
-    root = root_of(servers)
-    if root is not None:
+    if root is _UNSET:
+        root = root_of(servers)
+    if isinstance(root, Span):
         objectives = catalog.services
-        for hop in sorted(servers, key=lambda s: s.start_us):
+        callees: dict[str, int] | None = None
+        for hop in (servers if ordered else sorted(servers, key=lambda s: s.start_us)):
             objective = objectives[hop.service].objective_ms if hop.service in objectives else 0
-            own = _own_time_us(hop, servers)
-            if objective and own > objective * 1000:
+            if not objective:
+                continue
+            if callees is None:
+                callees = _callee_time_us(servers)
+            own = max(0, hop.duration_us - callees.get(hop.span_id, 0))
+            if own > objective * 1000:
                 return Diagnosis(cls="server_slow", service=hop.service, team=catalog.team_of(hop.service),
                                  evidence=f"{hop.service} took {own / 1000:.0f} ms itself (objective {objective:.0f} ms)",
                                  catalog_version=version)

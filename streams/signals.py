@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from supportlens.contracts import FaultReport, MisuseCount, SignalClock, SignalCount, Span, is_drill
 from streams.catalog import Catalog
-from streams.surge import DistinctSketch
+from streams.surge import DistinctSketch, item_hash
 
 PROPAGATED_STATUSES = frozenset({502, 504})  # "my dependency failed": blame lies deeper
 OTHER = "(other)"
@@ -108,13 +108,19 @@ class SignalAggregator:
         return self.bucket_s * 1_000_000
 
     def _cell(self, dimension: str, value: str, ts_us: int, drill: bool) -> _Cell:
-        known = self._values.setdefault(dimension, set())
+        bucket_us = self.bucket_s * 1_000_000
+        cell = self._cells.get((drill, dimension, value, ts_us - ts_us % bucket_us))
+        if cell is not None:  # the common case: this value was counted in this bucket already
+            return cell
+        known = self._values.get(dimension)
+        if known is None:
+            known = self._values[dimension] = set()
         if value not in known:
             # bounded cardinality: values beyond the limit share one line
             if len(known) >= self.max_values_per_dimension:
                 value = OTHER
             known.add(value)
-        key = (drill, dimension, value, _bucket(ts_us, self.bucket_us))
+        key = (drill, dimension, value, ts_us - ts_us % bucket_us)
         cell = self._cells.get(key)
         if cell is None:
             cell = self._cells[key] = _Cell(users=DistinctSketch(self.sketch_k), active=DistinctSketch(self.sketch_k))
@@ -129,12 +135,18 @@ class SignalAggregator:
 
     def request(self, span: Span) -> None:
         """The first span of a request: it counts as traffic in the dimensions it tells."""
-        drill = is_drill(span.attributes)
-        for dimension, value in span_dimensions(span).items():
+        drill = bool(span.attributes) and is_drill(span.attributes)
+        user = item_hash(span.user_id) if span.user_id else None  # once, not once per dimension
+        network = span.network.isp if span.network is not None else ""
+        # span_dimensions(span), unrolled: this runs for every request
+        for dimension, value in (("region", span.region), ("app_version", span.app_version),
+                                 ("platform", span.platform), ("network", network)):
+            if not value:
+                continue
             cell = self._cell(dimension, value, span.start_us, drill)
             cell.requests += 1
-            if span.user_id:
-                cell.active.add(span.user_id)
+            if user is not None:
+                cell.active.add_hash(user)
 
     def failure(self, span: Span, dimensions: dict[str, str]) -> None:
         """A request's first failure evidence in ``dimensions`` (the caller dedupes per request)."""

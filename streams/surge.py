@@ -83,6 +83,8 @@ Everything is deterministic: no wall clock, no randomness, and the state is plai
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import bisect
 import hashlib
 import math
@@ -372,6 +374,12 @@ def score_series(points: Iterable[tuple[int, float]], params: SurgeParams = Surg
 _HASH_SPACE = 2**64
 
 
+@lru_cache(maxsize=65_536)
+def item_hash(item: str) -> int:
+    """The 64-bit hash a sketch keeps of ``item`` (cached: a user sends many requests)."""
+    return _hash64(item)
+
+
 def _hash64(item: str) -> int:
     # blake2b, not hash(): the value must be the same in every process for merged/stored sketches.
     return int.from_bytes(hashlib.blake2b(item.encode("utf-8"), digest_size=8).digest(), "big")
@@ -408,6 +416,10 @@ class DistinctSketch:
 
     def add(self, item: str) -> None:
         self._insert(_hash64(item))
+
+    def add_hash(self, hashed: int) -> None:
+        """Add an item by its :func:`item_hash` (one hash for an item added to many sketches)."""
+        self._insert(hashed)
 
     def merge(self, other: DistinctSketch) -> None:
         """Fold ``other`` into this sketch. Raises ValueError if the two have different ``k``:

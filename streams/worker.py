@@ -2,9 +2,12 @@
 
 Topology (all joined topics co-partitioned by request id):
 
+    otlp-spans ──normalize, re-key──▶ server-spans
     fault-reports ──rekey──▶ reports-by-request ─┐
-    client-spans ────────────────────────────────┼─▶ correlate ─▶ (table: pending) ─timer─▶ requests
-    server-spans ────────────────────────────────┘                                 └──────▶ reports-diagnosed
+    client-spans ────────────────────────────────┼─▶ correlate ─▶ (memory: streams.join) ─timer─▶ requests
+    server-spans ────────────────────────────────┘                                      └──────▶ reports-diagnosed
+
+Span records carry one span or a batch of spans of one partition (``supportlens.span_batches``).
 
 Beside it, surge detection and incident management (``streams.signals``, ``streams.detect``):
 
@@ -13,35 +16,41 @@ Beside it, surge detection and incident management (``streams.signals``, ``strea
 
 The detect agent owns the one partition of ``incident-signals``: one global view of every
 dimension, fed with partial counts (a few records per second per worker, whatever the span
-rate). Its state is one record in a changelog-backed table, written with every batch.
+rate). Its state is one record per changed dimension value in a changelog-backed table.
 
-Guarantees: state changes are written to the table's changelog before the input offset
-is committed (Faust flushes its producer first), so a killed worker restarts with every
-span it had acknowledged; a request leaves the table only after it was sent, so a crash
-can only repeat an emission, never lose one, and a repeated request is identical (its
-version is its span count).
+Guarantees: the join's state is in memory and costs no write per request. Every input
+record is held until the requests it touched were emitted, Kafka confirmed them and a grace
+passed, and records are acknowledged in read order (``streams.join``); Faust commits only
+below the first record still held. A killed worker re-reads from there and rebuilds every
+request in flight: it can repeat an emission, never lose one, and a version always means
+the same spans.
 """
 
 from __future__ import annotations
 
-import heapq
+import asyncio
+import gc
 import logging
 import os
 import socket
 import time
 import uuid
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
+from functools import partial
 from typing import Any
 
 import faust
+import msgspec
 from faust.types import TP
-from aiokafka.partitioner import DefaultPartitioner
 
 from supportlens.config import Settings
 from supportlens.contracts import (
     FaultReport, IncidentCommand, InvalidRecord, MisuseCount, SignalClock, SignalCount, Span, decode, decode_signal,
     encode, is_drill,
 )
+from supportlens.otlp import RequestIdRule
+from supportlens.otlp_records import normalize_export_record
+from supportlens.span_batches import SpanBatcher, decode_spans, partition_of, rejected_reason
 from supportlens.kafka_security import faust_credentials
 from supportlens.log_floods import quiet_repeats
 from supportlens.metrics import Metrics, process_metrics, serve_metrics
@@ -51,20 +60,10 @@ from streams.accounts_cache import AccountsCache
 from streams.incidents import Policy
 from streams.notices import Notifier
 from streams.signals import SignalAggregator, count_new_failures, failure_dimensions
-from streams.correlate import (
-    Pending,
-    SideClock,
-    Timing,
-    add_report,
-    add_span,
-    build_request,
-    due_at,
-    dump,
-    expired,
-    load,
-    mark_emitted,
-    waiting_for,
-)
+from streams.correlate import Pending, Timing, build_request, mark_emitted
+from streams.join import Emission, Entry, Held, Holds, Join
+from streams.outbox import Outbox
+from streams.recall import Recalled, read_emitted
 from streams.dead_letters import dead_letter_headers
 from streams.diagnose import diagnose_report, primary_request_id
 
@@ -72,7 +71,6 @@ log = logging.getLogger(__name__)
 TICK_S = 0.25
 BATCH = 1000
 BATCH_WAIT_S = 0.05
-MAX_EMITTED_IN_MEMORY = 200_000
 SIGNAL_FLUSH_S = 1.0
 LAG_EVERY_S = 5.0
 ENGINE_KEY = b"engine"  # the incident book, notices and clocks; b"key:<dimension=value>" for each value
@@ -97,6 +95,7 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
         topic_allow_declare=True,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
+        broker_session_timeout=settings.worker_session_timeout_s,
         web_enabled=False,
         producer_acks=-1,
         stream_wait_empty=False,
@@ -111,13 +110,12 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
     raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     name = {logical: settings.topic(logical) for logical in (
         "client-spans", "server-spans", "fault-reports", "reports-by-request", "requests", "reports-diagnosed", "dlq",
-        "incident-signals", "surges", "incidents", "notifications")}
+        "incident-signals", "surges", "incidents", "notifications", "otlp-spans")}
     logical_of = {full: logical for logical, full in name.items()}
     joined = app.topic(name["client-spans"], name["server-spans"], name["reports-by-request"], **raw)
     reports_in = app.topic(name["fault-reports"], **raw)
+    otlp_in = app.topic(name["otlp-spans"], **raw)
     reports_by_request = app.topic(name["reports-by-request"], **raw)
-    requests_out = app.topic(name["requests"], **raw)
-    diagnosed_out = app.topic(name["reports-diagnosed"], **raw)
     dlq = app.topic(name["dlq"], **raw)
     signals = app.topic(name["incident-signals"], partitions=1, **raw)
     surges_out = app.topic(name["surges"], **raw)
@@ -131,17 +129,24 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
     engine_box: list[SurgeEngine] = []  # the engine of this worker, while it owns incident-signals
     last_flush = [time.time()]
     positions: dict[tuple[str, int], int] = {}  # (topic, partition) → last offset read
-    pending = app.Table("pending", partitions=settings.partitions, use_partitioner=True, key_type=bytes, value_type=bytes)
-    # In memory, rebuilt from the table after recovery: requests that wait for no side, by
-    # wall second; requests that wait for a side, per (partition, side) by record time.
-    schedule: list[tuple[float, bytes]] = []
-    # Emitted requests stay in memory (not in the table) for ``retain_s`` so a late span
-    # makes a new version; a restart forgets them, and a late span then starts afresh.
-    emitted: OrderedDict[bytes, Pending] = OrderedDict()
-    waiting: dict[tuple[int, str], list[tuple[int, bytes]]] = {}
-    clocks: dict[int, SideClock] = {}
-    partitioner = DefaultPartitioner()
-    all_partitions = list(range(settings.partitions))
+    join = Join(timing, ack=lambda message: message.ack(app.consumer), max_retained=settings.correlation_max_retained)
+    # per joined partition, what was emitted before this worker got it (streams.recall), and
+    # when: a report about such a request finds it there for ``retain_s``
+    recalled: dict[int, tuple[float, Recalled]] = {}
+    recalling: dict[int, int] = {}  # partition → its assignment, while being read back
+    assignments = [0]
+    outbox = Outbox(settings, metrics, logical_of)
+    requests_written = metrics.events_out.labels("requests")
+    duplicates = metrics.duplicates
+    span_topics = {name["client-spans"]: "client", name["server-spans"]: "server"}
+    joined_topics = {name["client-spans"], name["server-spans"], name["reports-by-request"]}
+    # How far each input partition's records were counted in the surge signals, one record
+    # per partition a second (not per request): a restarted worker re-reads up to ``grace``
+    # seconds of input to rebuild its requests, and must not count them a second time.
+    signal_offsets = app.Table("signal_offsets", partitions=settings.partitions, use_partitioner=True,
+                               key_type=bytes, value_type=bytes)
+    counted_through: dict[tuple[str, int], int] = {}
+    offsets_keys = [key_for_partition(b"counted-through", p, settings.partitions) for p in range(settings.partitions)]
 
     def caught_up(side: str, partition: int) -> bool:
         """Has this worker read everything the broker has for this side and partition?"""
@@ -165,28 +170,42 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
             metrics.processing_latency.labels("worker").observe(max(0.0, now - message.timestamp))
 
     def flush_signals(now: float) -> None:
-        """Send this worker's partial counts and clock (buffered: they precede the offset commit)."""
+        """Send this worker's partial counts and clock, then how far each partition was counted
+        (buffered in that order: Faust flushes them before it commits an offset)."""
         last_flush[0] = now
         for signal in aggregator.flush(topic_caught_up, int(now * 1_000_000)):
             signals.send_soon(key=source.encode(), value=encode(signal))
+        by_partition: dict[int, dict[str, int]] = defaultdict(dict)
+        for (topic, partition), offset in positions.items():
+            if topic in joined_topics and counted_through.get((topic, partition)) != offset:
+                counted_through[(topic, partition)] = offset
+                by_partition[partition][topic] = offset
+        for partition, offsets in by_partition.items():
+            stored = decode_offsets(signal_offsets.get(offsets_keys[partition]))
+            signal_offsets[offsets_keys[partition]] = _offsets_encoder.encode(stored | offsets)
         metrics.last_progress.labels("worker").set(now)
 
-    def clock(partition: int) -> SideClock:
-        if partition not in clocks:
-            clocks[partition] = SideClock(started_s=time.time())
-        return clocks[partition]
+    @signal_offsets.on_recover
+    async def reload_counted() -> None:
+        counted_through.clear()
+        for partition, key in enumerate(offsets_keys):
+            for topic, offset in decode_offsets(signal_offsets.get(key)).items():
+                counted_through[(topic, partition)] = offset
 
-    def file(key: bytes, state: Pending, partition: int | None = None) -> None:
-        """Put a request where the timer will find it when it is due."""
-        side = waiting_for(state)
-        if side is None:
-            heapq.heappush(schedule, (due_at(state, timing), key))
-            return
-        if partition is None:
-            partition = partitioner(key, all_partitions, all_partitions)
-        heapq.heappush(waiting.setdefault((partition, side), []), (state.ref_ms, key))
+    def dead_letter(message: Any, held: Held, key: bytes | None, value: bytes | None, reason: str,
+                    book: Holds | None = None, position: int | None = None) -> None:
+        """To ``dlq`` with its origin (and ``position``, a bad span's place in its batch); the input
+        record stays held until Kafka has the dead letter."""
+        metrics.dead_letters.labels(logical_of.get(message.topic, message.topic)).inc()
+        log.warning("dead letter from %s[%s]@%s: %s", message.topic, message.partition, message.offset, reason)
+        held.open += 1
+        done = partial((book or join.holds).release, (held,))
+        # a tombstone stays one (its value None): the dead letter is the record untouched
+        outbox.send(name["dlq"], key, value, done,
+                    headers=dead_letter_headers(reason, message.topic, message.partition, message.offset, position))
 
-    async def dead_letter(event: faust.types.EventT, reason: str) -> None:
+    async def dead_letter_event(event: faust.types.EventT, reason: str) -> None:
+        """A dead letter from an agent that lets Faust acknowledge its records."""
         message = event.message
         metrics.dead_letters.labels(logical_of.get(message.topic, message.topic)).inc()
         log.warning("dead letter from %s[%s]@%s: %s", message.topic, message.partition, message.offset, reason)
@@ -196,21 +215,16 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
         await dlq.send(key=event.key, value=value,
                        headers=dead_letter_headers(reason, message.topic, message.partition, message.offset))
 
-    def decode_or_none(event: faust.types.EventT, record_type: type) -> Any:
-        try:
-            return decode(event.value or b"", record_type, settings.max_record_bytes)
-        except InvalidRecord as exc:
-            return exc
-
     @app.agent(reports_in)
     async def rekey_reports(stream: faust.StreamT) -> None:
         """Fault reports arrive keyed by report id; re-key each by the request it names."""
         async for event in stream.events():
             metrics.events_in.labels("fault-reports").inc()
             progress(event, time.time())
-            report = decode_or_none(event, FaultReport)
-            if isinstance(report, InvalidRecord):
-                await dead_letter(event, report.reason)
+            try:
+                report = decode(event.value or b"", FaultReport, settings.max_record_bytes)
+            except InvalidRecord as exc:
+                await dead_letter_event(event, exc.reason)
                 continue
             aggregator.saw((event.message.topic, event.message.partition), report.received_at_us,
                            is_drill(report.attributes))
@@ -221,52 +235,94 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
 
     @app.agent(joined)
     async def correlate(stream: faust.StreamT) -> None:
-        # Batches, because Faust's cost is per record and per table write: a request's spans
-        # in one batch cost one table write. Faust acks a batch only after this body ran.
+        # Faust's cost is per record (~150 µs), so spans come in batch records and records
+        # in batches of records. Every record is held (streams.join) until the requests it
+        # touched were emitted and Kafka confirmed them: only then may Faust commit it.
         async for batch in stream.take_events(BATCH, within=BATCH_WAIT_S):
             now = time.time()
-            touched: dict[bytes, tuple[Pending, int]] = {}
+            touched: dict[bytes, Entry] = {}
             for event in batch:
-                topic = logical_of.get(event.message.topic, event.message.topic)
+                message = event.message
+                topic = logical_of.get(message.topic, message.topic)
                 metrics.events_in.labels(topic).inc()
-                partition = event.message.partition
                 # Every record counts as read, also one that is dead-lettered below: otherwise
                 # this partition never looks caught up and its silence fallback never fires.
                 progress(event, now)
-                record = decode_or_none(event, FaultReport if topic == "reports-by-request" else Span)
-                if isinstance(record, InvalidRecord):
-                    await dead_letter(event, record.reason)
-                    continue
-                ts_ms = int((event.message.timestamp or now) * 1000)
-                if isinstance(record, Span):
-                    clock(partition).observe(record.side, ts_ms, now)
-                    key = record.request_id.encode()
-                    if event.key != key:
-                        await dead_letter(event, f"record key {event.key!r} is not its request_id "
-                                                 f"{record.request_id!r}: spans must be keyed by request id")
-                        continue
+                message.incref()  # Faust acks the batch after this body; our hold outlives that
+                held = join.record(message, message.partition)
+                ts_ms = int((message.timestamp or now) * 1000)
+                if topic == "reports-by-request":
+                    take_report(event, held, now, ts_ms, touched)
                 else:
-                    key = event.key or record.report_id.encode()
-                state = touched[key][0] if key in touched else current_state(key)
-                if isinstance(record, Span):
-                    aggregator.saw((event.message.topic, partition), record.start_us, is_drill(record.attributes))
-                    if state is None:
-                        aggregator.request(record)
-                    state, changed = add_span(state, record, now, ts_ms)
-                    if not changed:
-                        metrics.duplicates.inc()
-                    else:
-                        count_failure(state, record)
-                else:
-                    state, changed = add_report(state, record, key.decode(), now, ts_ms)
-                if changed:
-                    touched[key] = (state, partition)
-            for key, (state, partition) in touched.items():
-                pending[key] = dump(state)
-                emitted.pop(key, None)  # back in the table until it is emitted again
-                file(key, state, partition)
+                    take_spans(event, held, topic, now, ts_ms, touched)
+                message.value = None  # decoded: a held record need not keep its bytes
+                join.settle(held)
+            for key, entry in touched.items():
+                join.file(key, entry)
+            outbox.poll()
             if now - last_flush[0] >= SIGNAL_FLUSH_S:
                 flush_signals(now)
+
+    def take_spans(event: faust.types.EventT, held: Held, topic: str, now: float, ts_ms: int,
+                   touched: dict[bytes, Entry]) -> None:
+        message = event.message
+        partition = message.partition
+        try:
+            record = decode_spans(event.value or b"", settings.max_record_bytes)
+        except InvalidRecord as exc:
+            dead_letter(message, held, event.key, event.value, exc.reason)
+            return
+        for (position, reason), raw in zip(record.rejected, record.rejected_values):
+            dead_letter(message, held, event.key, raw, rejected_reason(position, reason), position=position)
+        metrics.spans_in.labels(topic).inc(len(record.spans))
+        join.clock(partition, now).observe(span_topics[message.topic], ts_ms, now)  # type: ignore[arg-type]
+        tp = (message.topic, partition)
+        counting = offset_not_counted(tp, message.offset)
+        entries = join.entries
+        partitions = settings.partitions
+        for position, span in record.positions():
+            key = span.request_id.encode()
+            if record.batch:
+                known = entries.get(key)
+                if (known.partition if known is not None else partition_of(key, partitions)) != partition:
+                    dead_letter(message, held, event.key, encode(span), rejected_reason(
+                        position, f"request_id {span.request_id!r} belongs to another partition than {partition}: "
+                                  "a batch holds only spans of its partition (murmur2)"), position=position)
+                    continue
+            elif event.key != key:
+                dead_letter(message, held, event.key, event.value,
+                            f"record key {event.key!r} is not its request_id {span.request_id!r}: "
+                            "spans must be keyed by request id")
+                continue
+            added = join.add_span(key, span, held, now, ts_ms)
+            if added is None:
+                duplicates.inc()
+                continue
+            entry, new = added
+            touched[key] = entry
+            if counting:
+                state = entry.state
+                aggregator.saw(tp, span.start_us, state.drill)
+                if new:
+                    aggregator.request(span)
+                if span.status == "error":
+                    count_failure(state, span)
+
+    def take_report(event: faust.types.EventT, held: Held, now: float, ts_ms: int,
+                    touched: dict[bytes, Entry]) -> None:
+        try:
+            report = decode(event.value or b"", FaultReport, settings.max_record_bytes)
+        except InvalidRecord as exc:
+            dead_letter(event.message, held, event.key, event.value, exc.reason)
+            return
+        key = event.key or report.report_id.encode()
+        entry = join.add_report(key, report, held, now, ts_ms)
+        if entry is not None:
+            touched[key] = entry
+
+    def offset_not_counted(tp: tuple[str, int], offset: int) -> bool:
+        done = counted_through.get(tp)
+        return done is None or offset > done
 
     def count_failure(state: Pending, span: Span) -> None:
         """Count a request as failed in each dimension once, at its first evidence there."""
@@ -274,6 +330,89 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
         if new:
             state.counted.extend(new)
             aggregator.failure(span, new)
+
+    ingest_holds = Holds(lambda message: message.ack(app.consumer))  # type: ignore[attr-defined]
+    rule = RequestIdRule(settings.request_id_attributes, settings.request_id_from_trace_id)
+
+    @app.agent(otlp_in)
+    async def ingest_otlp(stream: faust.StreamT) -> None:
+        """OTLP exports as the OTel Collector's kafka exporter writes them (any key, any partition):
+        normalized like the gateway's, re-keyed into batch records on ``server-spans``. An input
+        record is acknowledged once every record its spans went into was confirmed."""
+        async for batch in stream.take_events(BATCH, within=BATCH_WAIT_S):
+            now = time.time()
+            batcher = SpanBatcher(settings.partitions)
+            holds: list[Held] = []
+            latest_ms = 0
+            for event in batch:
+                message = event.message
+                metrics.events_in.labels("otlp-spans").inc()
+                progress(event, now)
+                message.incref()
+                held = ingest_holds.record(message, (message.topic, message.partition))
+                try:
+                    export = normalize_export_record(event.value or b"", rule, max_bytes=settings.max_record_bytes)
+                except InvalidRecord as exc:
+                    dead_letter(message, held, event.key, event.value, exc.reason, ingest_holds)
+                else:
+                    # one dead letter per bad span, numbered in the order found (its path is in the reason)
+                    for number, reason in enumerate(export.rejected):
+                        dead_letter(message, held, event.key, event.value, f"span {reason} (its neighbours were kept)",
+                                    ingest_holds, position=number)
+                    for span in export.spans:
+                        batcher.add(span)
+                    metrics.spans_in.labels("otlp-spans").inc(len(export.spans))
+                    held.open += 1  # until the batch records below are confirmed
+                    holds.append(held)
+                latest_ms = max(latest_ms, int((message.timestamp or now) * 1000))
+                message.value = None
+                ingest_holds.settle(held)
+            records = list(batcher.records())
+            if not records:
+                ingest_holds.release(holds)
+                continue
+            emission = Emission(partial(ingest_holds.release, holds), len(records))
+            for _, key, value in records:
+                outbox.send(name["server-spans"], key.encode(), value, emission.done, timestamp_ms=latest_ms)
+                metrics.events_out.labels("server-spans").inc()
+            outbox.poll()
+
+    @app.on_partitions_revoked.connect
+    async def drop_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
+        """Requests of partitions this worker lost go, unsent: their new owner re-reads them."""
+        ingest_holds.lose((tp.topic, tp.partition) for tp in revoked if tp.topic == name["otlp-spans"])
+        lost = {tp.partition for tp in revoked if tp.topic in joined_topics}
+        for partition in lost:
+            recalled.pop(partition, None)
+            recalling.pop(partition, None)
+        if lost:
+            dropped = join.drop_partitions(lost)
+            log.info("correlation: partitions %s moved on, %d requests in flight left to their next owner",
+                     sorted(lost), dropped)
+
+    @app.on_partitions_assigned.connect
+    async def recall_assigned(sender: Any, assigned: set[TP], **kwargs: Any) -> None:
+        """Read back what each newly owned partition emitted lately, without holding up the
+        rebalance: until it is in, reports of that partition wait (see :func:`act`)."""
+        now = time.time()
+        since_ms = int((now - timing.retain_s) * 1000)
+        limit = max(10_000, settings.correlation_max_retained // settings.partitions)
+        loop = asyncio.get_running_loop()
+        for partition in {tp.partition for tp in assigned if tp.topic in joined_topics}:
+            if partition in recalled or partition in recalling:
+                continue
+            assignments[0] += 1
+            recalling[partition] = mine = assignments[0]
+            future = loop.run_in_executor(None, read_emitted, settings, partition, since_ms, limit)
+            future.add_done_callback(partial(recalled_in, partition, mine, now))
+
+    def recalled_in(partition: int, mine: int, at: float, future: Any) -> None:
+        if recalling.get(partition) != mine:
+            return  # lost (or given again) meanwhile
+        del recalling[partition]
+        recalled[partition] = (at, future.result() if future.exception() is None else Recalled(0))
+        log.info("correlation: partition %d recalled %d requests emitted before it came here",
+                 partition, len(recalled[partition][1]))
 
     @app.timer(SIGNAL_FLUSH_S)
     async def flush_idle() -> None:
@@ -295,7 +434,7 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
                 try:
                     signal = decode_signal(event.value or b"", settings.max_record_bytes)
                 except InvalidRecord as exc:
-                    await dead_letter(event, exc.reason)
+                    await dead_letter_event(event, exc.reason)
                     continue
                 if isinstance(signal, SignalCount):
                     engine.on_count(signal)
@@ -402,79 +541,75 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
         for topic, records in lag.items():
             metrics.consumer_lag.labels("worker", topic).set(records)
 
-    def current_state(key: bytes) -> Pending | None:
-        """What is known of a request: in the table while pending, in memory for a while after."""
-        stored = pending.get(key)
-        if stored is not None:
-            return load(stored)
-        return emitted.get(key)
-
-    @pending.on_recover
-    async def rebuild_schedule() -> None:
-        """After a (re)start or rebalance, schedule every request this worker now owns."""
-        schedule.clear()
-        waiting.clear()
-        clocks.clear()
-        count = 0
-        for key, value in pending.items():
-            file(key, load(value))
-            count += 1
-        log.info("correlation: %d requests in flight after recovery", count)
-
     @app.timer(TICK_S)
     async def emit_due() -> None:
         now = time.time()
-        due: list[bytes] = []
-        while schedule and schedule[0][0] <= now:
-            due.append(heapq.heappop(schedule)[1])
-        for (partition, side), queue in waiting.items():
-            side_clock = clock(partition)
-            ready = caught_up(side, partition)
-            while queue and side_clock.passed(side, queue[0][0], timing.grace_s, now, ready):  # type: ignore[arg-type]
-                due.append(heapq.heappop(queue)[1])
-        for key in due:
-            stored = pending.get(key)
-            if stored is None:
-                continue  # emitted already, or its partition moved to another worker
-            state = load(stored)
-            if not is_due(key, state, now):
-                file(key, state)  # news since it was filed changed what it waits for
-                continue
-            act(key, state, now)
-            # Sent first, forgotten second: a crash in between repeats an identical request.
-            del pending[key]
-            if state.spans:
-                emitted[key] = state
-        while emitted:
-            key, state = next(iter(emitted.items()))
-            if not expired(state, timing, now) and len(emitted) <= MAX_EMITTED_IN_MEMORY:
-                break
-            del emitted[key]
+        for key, entry in join.due(now, caught_up):
+            act(key, entry, now)
+        join.cool(now)
+        join.forget(now)
+        for partition in [p for p, (at, _) in recalled.items() if at + timing.retain_s < now]:
+            recalled[partition] = (recalled[partition][0], Recalled(0))  # all of it past retention now
+        outbox.poll()
+        metrics.correlation_in_memory.labels("open").set(join.open_requests)
+        metrics.correlation_in_memory.labels("retained").set(len(join.retained))
+        metrics.correlation_in_memory.labels("recalled").set(sum(len(r) for _, r in recalled.values()))
 
-    def is_due(key: bytes, state: Pending, now: float) -> bool:
-        side = waiting_for(state)
-        if side is None:
-            return due_at(state, timing) <= now
-        partition = partitioner(key, all_partitions, all_partitions)
-        return clock(partition).passed(side, state.ref_ms, timing.grace_s, now, caught_up(side, partition))
-
-    def act(key: bytes, state: Pending, now: float) -> None:
-        """Send the request if it knows more than what was sent, and answer waiting reports."""
-        drill = any(is_drill(span.attributes) for span in state.spans)
-        request = build_request(key.decode(), state, catalog, drill) if state.spans else None
-        if request is not None and len(state.spans) > state.emitted_version:
-            # send_soon: Faust's producer buffer, FIFO with the table's changelog writes and
-            # flushed before any offset commit, so the request precedes its deletion.
-            requests_out.send_soon(key=key, value=encode(request))
-            metrics.events_out.labels("requests").inc()
+    def act(key: bytes, entry: Entry, now: float) -> None:
+        """Send the request if it knows more than what was sent, and answer waiting reports;
+        the records it holds are released once Kafka confirmed all of it."""
+        state = entry.state
+        if state.reports and entry.partition in recalling:
+            join.later(key, now + TICK_S)  # what was emitted before is still being read back
+            return
+        news = len(state.spans) > state.emitted_version
+        request = build_request(key.decode(), state, catalog, state.drill) if state.spans and (
+            news or state.reports) else None
+        outputs: list[tuple[str, bytes, bytes]] = []
+        if request is not None and news:
+            outputs.append((name["requests"], key, encode(request)))
+            requests_written.inc()
             metrics.emit_delay.observe(now - state.first_seen_s)
+        about = request
+        if state.reports and entry.partition in recalled:
+            # emitted before a restart or rebalance: the fuller of the two tells the report more
+            before = recalled[entry.partition][1].get(key)
+            if before is not None and (about is None or before.version > about.version):
+                about = before
         for report in state.reports:
-            diagnosed = diagnose_report(report, request, catalog, int(now * 1_000_000), is_drill(report.attributes))
-            diagnosed_out.send_soon(key=report.report_id.encode(), value=encode(diagnosed))
+            diagnosed = diagnose_report(report, about, catalog, int(now * 1_000_000), is_drill(report.attributes))
+            outputs.append((name["reports-diagnosed"], report.report_id.encode(), encode(diagnosed)))
             metrics.events_out.labels("reports-diagnosed").inc()
         mark_emitted(state, now)
+        emission = join.sent(key, entry, len(outputs), now)
+        for topic, out_key, value in outputs:
+            outbox.send(topic, out_key, value, emission.done if emission else None)
+
+    @app.on_before_shutdown.connect
+    async def flush_outbox(sender: Any, **kwargs: Any) -> None:
+        """What was sent reaches Kafka before the process ends (what does not is sent again)."""
+        left = outbox.flush(10.0)
+        if left:
+            log.warning("correlation: %d outputs unconfirmed at shutdown; their inputs stay uncommitted", left)
 
     return app
+
+
+_offsets_encoder = msgspec.json.Encoder()
+_offsets_decoder = msgspec.json.Decoder(dict[str, int])
+
+
+def decode_offsets(value: bytes | None) -> dict[str, int]:
+    return _offsets_decoder.decode(value) if value else {}
+
+
+def key_for_partition(prefix: bytes, partition: int, partitions: int) -> bytes:
+    """A table key that murmur2 puts on ``partition``: the worker owning that input partition
+    owns the table's matching changelog partition, and recovers it."""
+    salt = 0
+    while partition_of(prefix + b"-%d" % salt, partitions) != partition:
+        salt += 1
+    return prefix + b"-%d" % salt
 
 
 def with_suppressed_keyerror(remove: Any, *labels: str) -> None:
@@ -482,6 +617,15 @@ def with_suppressed_keyerror(remove: Any, *labels: str) -> None:
         remove(*labels)
     except KeyError:  # never set in this process (e.g. before a restart)
         pass
+
+
+def tune_gc_for_worker() -> None:
+    """The worker holds some hundred thousand requests in memory, each a few containers the
+    collector would scan again and again (measured: it doubled the cost of joining a span).
+    The start-up heap is frozen out of its scans, and collections run less often; the
+    records themselves are untracked (``gc=False`` in the contracts)."""
+    gc.freeze()
+    gc.set_threshold(100_000, 20, 10)
 
 
 def run_worker(settings: Settings, catalog: Catalog, timing: Timing, policy: Policy, engine_config: EngineConfig,
@@ -492,6 +636,7 @@ def run_worker(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
     provision(settings)
     serve_metrics(settings, settings.worker_metrics_port, "worker")
     app = create_app(settings, catalog, timing, policy, engine_config, notifier)
+    tune_gc_for_worker()
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     quiet_repeats("aiokafka")  # Faust's Kafka client: one line a minute per complaint while a broker is away
     worker.execute_from_commandline()

@@ -164,8 +164,16 @@ class Settings(BaseSettings):
     correlation_settle_s: float = Field(
         default=2.0, ge=0, description="How long a request with both sides waits for straggling server spans."
     )
+    worker_session_timeout_s: float = Field(
+        default=60.0, gt=0, description="How long the worker group waits for a worker that stopped answering "
+        "before its partitions move to the others (Kafka's session timeout).",
+    )
     correlation_retain_s: float = Field(
         default=300.0, gt=0, description="How long an emitted request is kept to version late spans."
+    )
+    correlation_max_retained: int = Field(
+        default=200_000, ge=0, description="At most this many emitted requests kept for late spans per worker "
+        "(some 8 KB each in memory): the bound of the worker's memory at high span rates.",
     )
     metrics_host: str = Field(default="127.0.0.1", description="Address the worker and sink serve /metrics on.")
     surge_warmup_s: int = Field(

@@ -52,6 +52,8 @@ class QuietRepeats(logging.Filter):
         self._lock = threading.Lock()  # librdkafka's lines come from poll() in any thread
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.INFO:
+            return True  # debug lines are not complaints; a busy client makes thousands of them
         message = record.getMessage()
         key = (record.name, record.levelno, _NUMBERS.sub("#", message))
         now = self._clock()

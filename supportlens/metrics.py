@@ -46,6 +46,18 @@ class Metrics:
             "duplicate_spans", "Spans seen again (redelivery or double export) and ignored.",
             namespace=ns, registry=registry,
         )
+        self.spans_in = Counter(
+            "spans_in", "Spans read from a span topic, by logical topic (a record may carry many).", ["topic"],
+            namespace=ns, registry=registry,
+        )
+        self.correlation_in_memory = Gauge(
+            "correlation_requests_in_memory", "Requests the worker holds: open (their input records not yet "
+            "committed) or retained (emitted, kept for late spans).", ["state"], namespace=ns, registry=registry,
+        )
+        self.outbox_failures = Counter(
+            "worker_output_failures", "Outputs Kafka refused for good; their input stays uncommitted, so a restart "
+            "sends them again.", ["topic"], namespace=ns, registry=registry,
+        )
         self.emit_delay = Histogram(
             "correlation_emit_delay_seconds", "Wall time from a request's first span to its emission.",
             namespace=ns, registry=registry, buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300),

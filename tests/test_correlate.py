@@ -15,9 +15,8 @@ from streams.correlate import (
     add_span,
     build_request,
     due_at,
-    dump,
+    request_version,
     expired,
-    load,
     mark_emitted,
     waiting_for,
 )
@@ -93,7 +92,8 @@ def test_the_request_is_the_same_whatever_order_its_spans_came_in():
         built.add(dump_request(state))
     assert len(built) == 1
     request = load_request(built.pop())
-    assert request.version == 4 and request.completeness == "complete"
+    assert request.span_count == 4 and request.version == request_version(state)
+    assert request.completeness == "complete"
     assert request.root_service == "edge-gateway" and request.teams == ["commerce", "payments", "sre"]
     assert [h.service for h in request.hops] == ["edge-gateway", "orders", "payment"]
     assert request.hops[2].offset_us == 20_000 and request.client_ip == "203.0.113.7"
@@ -103,17 +103,30 @@ def test_the_request_is_the_same_whatever_order_its_spans_came_in():
 def test_a_late_span_makes_a_new_version_that_knows_more():
     state, _ = add_span(None, client(status="error", http_status=None, error_code="CONNECT_TIMEOUT"), now_s=1)
     first = build_request("r1", state, CATALOG)
-    assert (first.version, first.completeness, first.diagnosis.cls) == (1, "client_only", "network_unreachable")
+    assert (first.span_count, first.completeness, first.diagnosis.cls) == (1, "client_only", "network_unreachable")
     mark_emitted(state, now_s=31)
     state, _ = add_span(state, server("edge-gateway", "s1", "c1", 10, 50), now_s=40)
     second = build_request("r1", state, CATALOG)
-    assert second.version == 2 and second.completeness == "complete"
+    assert second.span_count == 2 and second.completeness == "complete"
+    assert second.version > first.version
 
 
-def test_state_survives_its_table_encoding():
-    state, _ = add_span(None, client(), now_s=1)
-    state, _ = add_report(state, FaultReport(report_id="x", received_at_us=1, client_ip="203.0.113.7"), "r1", now_s=2)
-    assert load(dump(state)) == state
+def test_versions_rise_with_the_span_count_and_differ_for_other_spans_of_the_same_count():
+    """A request rebuilt after a crash from only some of its spans must not repeat a version
+    it had with other spans, nor outrank the version built from all of them."""
+    spans = [client(), server("edge-gateway", "s1", "c1", 10, 300), server("orders", "s2", "s1", 15, 250)]
+
+    def version(of):
+        state = None
+        for span in of:
+            state, _ = add_span(state, span, now_s=1)
+        return request_version(state)
+
+    full = version(spans)
+    assert version(list(reversed(spans))) == full  # order does not matter
+    subsets = [version([a, b]) for a, b in itertools.combinations(spans, 2)]
+    assert len(set(subsets)) == 3 and all(v < full for v in subsets)
+    assert all(version([s]) < min(subsets) for s in spans)
 
 
 def test_a_reports_attached_client_span_completes_a_request_seen_only_from_the_server():

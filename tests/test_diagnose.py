@@ -8,7 +8,7 @@ import pytest
 from span_factory import T0, client, server
 from supportlens.contracts import FaultReport, Span
 from streams.catalog import load_catalog
-from streams.correlate import Pending, build_request
+from streams.correlate import Pending, add_span, build_request
 from streams.diagnose import diagnose_report, diagnose_spans, primary_request_id
 
 CATALOG = load_catalog()
@@ -84,7 +84,7 @@ def _report(**kw) -> FaultReport:
 def test_report_wording_follows_the_users_locale_and_names_the_service_in_their_words():
     spans = chain(payment=server("payment", "s3", "s2", 40, 200, status="error", http_status=503,
                                  error_message="Traceback (most recent call last): pay-db-7.prod.internal"))
-    request = build_request("r1", Pending(spans=[client(status="error", http_status=502), *spans]), CATALOG)
+    request = build_request("r1", _pending([client(status="error", http_status=502), *spans]), CATALOG)
     en = diagnose_report(_report(), request, CATALOG, now_us=T0)
     zh = diagnose_report(_report(locale="zh-CN"), request, CATALOG, now_us=T0)
     assert en.title == "Our payment service failed"
@@ -96,7 +96,7 @@ def test_report_wording_follows_the_users_locale_and_names_the_service_in_their_
 
 def test_a_misuse_gets_the_codes_own_advice_and_doc_link():
     refused = [server("edge-gateway", "s1", "c1", 20, 30), server("auth", "s2", "s1", 22, 5, http_status=401, error_code="ORDER_BEFORE_LOGIN")]
-    request = build_request("r1", Pending(spans=[client(status="error", http_status=401, error_code="ORDER_BEFORE_LOGIN"), *refused]), CATALOG)
+    request = build_request("r1", _pending([client(status="error", http_status=401, error_code="ORDER_BEFORE_LOGIN"), *refused]), CATALOG)
     out = diagnose_report(_report(locale="zh-CN"), request, CATALOG, now_us=T0)
     assert out.diagnosis.cls == "client_misuse"
     assert "POST /v1/login" in out.action
@@ -127,3 +127,10 @@ def test_every_class_has_wording_in_every_locale():
         for locale in ("en", "zh-CN"):
             text, url = CATALOG.wording(cls, "", locale)
             assert text.title and text.explanation and text.action and url.startswith(CATALOG.docs_base)
+
+
+def _pending(spans) -> Pending:
+    state = None
+    for span in spans:
+        state, _ = add_span(state, span, now_s=1)
+    return state
