@@ -540,6 +540,13 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
                 lag[logical_of.get(tp.topic, tp.topic)] += max(0, high - read - 1)
         for topic, records in lag.items():
             metrics.consumer_lag.labels("worker", topic).set(records)
+        waiting = {f"{p}/{side}": len(q) for (p, side), q in join.waiting.items() if q}
+        held = {p: join.holds.waiting(p) for p in sorted(join.holds.queues) if join.holds.waiting(p)}
+        if waiting or held or recalling:
+            log.debug("correlation: %d open, %d retained; waiting for a side %s; records unacknowledged per "
+                      "partition %s; partitions being read back %s; caught up %s", join.open_requests,
+                      len(join.retained), waiting, held, sorted(recalling),
+                      {f"{t}/{p}": topic_caught_up((t, p)) for (t, p) in positions if t in span_topics})
 
     @app.timer(TICK_S)
     async def emit_due() -> None:
