@@ -77,10 +77,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `sinks` is a 
 
 from supportlens.bulk_producer import BulkProducer  # noqa: E402
 from supportlens.config import Settings, load_settings  # noqa: E402
-from supportlens.contracts import Span, encode  # noqa: E402
+from supportlens.contracts import Span  # noqa: E402
 from supportlens.errors import UserError  # noqa: E402
 from supportlens.serve import READY_LINE  # noqa: E402
 from supportlens.simulator.generate import Plan, Simulation, seasonal_factor  # noqa: E402
+from supportlens.simulator.run import send_records, tick_records  # noqa: E402
+from supportlens.span_batches import pack_spans  # noqa: E402
 from supportlens.simulator.scenarios import scenario  # noqa: E402
 from supportlens.simulator.world import World, build_world  # noqa: E402
 from supportlens.support.access import RemoteSupport  # noqa: E402
@@ -264,8 +266,7 @@ class Traffic(threading.Thread):
 
     def _run(self) -> None:
         producer = BulkProducer(self.settings)
-        topic = {name: self.settings.topic(name) for name in
-                 ("accounts", "client-spans", "server-spans", "fault-reports", "behaviour")}
+        partitions = self.settings.partitions
         normal = scenario("normal")
         due = time.monotonic()
         chunk = 0
@@ -274,13 +275,13 @@ class Traffic(threading.Thread):
             plan = Plan(normal, self.rate / day_factor(self.world, start_us), CHUNK_S, SEED + chunk, start_us)
             simulation = Simulation(plan, self.world)
             if chunk == 0:  # the accounts once: the same customers all along
-                for emit in simulation.accounts():
-                    producer.send(topic[emit.topic], emit.key, encode(emit.record), emit.ts_us)
+                send_records(producer, self.settings, tick_records(simulation.accounts(), partitions, batch=False))
             before = self.requests
             for tick in simulation.ticks():
-                for emit in tick.events:
-                    producer.send(topic[emit.topic], emit.key, encode(emit.record), emit.ts_us)
-                self.records += len(tick.events)
+                # as `simulate` sends them: spans in batch records per partition
+                records = tick_records(tick.events, partitions, max_record_bytes=self.settings.max_record_bytes)
+                send_records(producer, self.settings, records)
+                self.records += len(records)  # Kafka records, the unit of the lag they are divided into
                 self.requests = before + simulation.requests
                 producer.poll()
                 if producer.failed:
@@ -349,9 +350,11 @@ class Prober(threading.Thread):
         client, server = self.spans(request_id, now_us)
         t0 = time.monotonic()
         sent_s = t0 - self.started
-        for topic, span in (("client-spans", client), ("server-spans", server)):
-            self.producer.produce(self.settings.topic(topic), key=request_id, value=encode(span),
-                                  timestamp=now_us // 1000)
+        # batch records like the traffic's (one span each here: one request, one span a side)
+        for topic, batch in pack_spans((("client-spans", client), ("server-spans", server)),
+                                       self.settings.partitions, self.settings.max_record_bytes):
+            self.producer.produce(self.settings.topic(topic), key=batch.key, value=batch.value,
+                                  partition=batch.partition, timestamp=now_us // 1000)
         if self.producer.flush(10):
             return Probe(sent_s, request_id, None, None, "Kafka did not take the probe within 10 s")
         stored = None
@@ -663,7 +666,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=30,
                         help="how long memory is judged, after the warm-up (default 30)")
     parser.add_argument("--rate", type=float, default=150,
-                        help="requests per wall second, steady (≈ 4.3 records each; default 150)")
+                        help="requests per wall second, steady (≈ 4.3 spans and events each; default 150)")
     parser.add_argument("--every", type=float, default=30, help="seconds between samples (default 30)")
     parser.add_argument("--warmup-minutes", type=float,
                         help="traffic before memory is judged (default 15, at least the worker's "
