@@ -122,6 +122,7 @@ class ClickHouseSink:
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
             "enable.partition.eof": False,
+            "session.timeout.ms": int(settings.sink_session_timeout_s * 1000),
             # an insert may stall while ClickHouse is down; the consumer keeps polling, but be generous
             "max.poll.interval.ms": 600_000,
             # bigger fetches: the sink drains backlogs, and at the default 1 MB per partition the

@@ -168,6 +168,10 @@ class Settings(BaseSettings):
         default=60.0, gt=0, description="How long the worker group waits for a worker that stopped answering "
         "before its partitions move to the others (Kafka's session timeout).",
     )
+    sink_session_timeout_s: float = Field(
+        default=45.0, ge=6, description="How long the sink group waits for a sink that stopped answering "
+        "before its partitions move to the others (librdkafka's session.timeout.ms; the broker allows 6 s and up).",
+    )
     correlation_retain_s: float = Field(
         default=300.0, gt=0, description="How long an emitted request is kept to version late spans."
     )

@@ -32,6 +32,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
         "SUPPORTLENS_CORRELATION_GRACE_S": "2",
         "SUPPORTLENS_CORRELATION_SETTLE_S": "0.5",
         "SUPPORTLENS_SURGE_WARMUP_S": "60",  # the runs below are five minutes of traffic
+        "SUPPORTLENS_WORKER_SESSION_TIMEOUT_S": "8",  # a killed worker's partitions move on in 8 s, not 60
     }
 
 

@@ -62,7 +62,7 @@ def _settings(kafka, dsn: str, **extra) -> Settings:
     return load_settings(
         kafka_bootstrap=kafka.bootstrap, topic_prefix=f"s{uuid.uuid4().hex[:8]}.", partitions=3,
         clickhouse_dsn=dsn, clickhouse_database=f"t_{uuid.uuid4().hex[:10]}",
-        sink_batch_rows=500, sink_flush_s=0.2, **extra,
+        sink_batch_rows=500, sink_flush_s=0.2, sink_session_timeout_s=8, **extra,
     )
 
 

@@ -22,7 +22,8 @@ from supportlens.topic_reader import read_range
 from supportlens.topics import provision
 
 pytestmark = pytest.mark.kafka
-FAST = {"SUPPORTLENS_CORRELATION_GRACE_S": "2", "SUPPORTLENS_CORRELATION_SETTLE_S": "0.5"}
+FAST = {"SUPPORTLENS_CORRELATION_GRACE_S": "2", "SUPPORTLENS_CORRELATION_SETTLE_S": "0.5",
+        "SUPPORTLENS_WORKER_SESSION_TIMEOUT_S": "8"}  # a killed worker's partitions move on in 8 s, not 60
 SCENARIOS = ("service-outage", "isp-outage", "bad-release", "misuse-wave", "quiet-night")
 
 
