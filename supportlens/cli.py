@@ -17,6 +17,7 @@ from rich.table import Table
 from supportlens.config import Settings, load_settings
 from supportlens.contracts import KIND_NAMES, InvalidRecord, decode
 from supportlens.errors import UserError
+from supportlens.fit import fit
 from supportlens.log_redaction import keep_secrets_out_of_logs
 from supportlens.simulator.scenarios import SCENARIOS
 
@@ -71,7 +72,7 @@ def show_config(ctx: typer.Context) -> None:
     table = Table("setting", "value", title="supportlens settings")
     for key, value in settings.public_view().items():
         table.add_row(key, str(value))
-    console.print(table)
+    console.print(fit(table, ids={"setting"}))
 
 
 @topics_app.command("create")
@@ -85,7 +86,7 @@ def topics_create(ctx: typer.Context) -> None:
     purposes = {settings.topic(spec.name): spec.purpose for spec in TOPICS}
     for change in changes:
         table.add_row(change.topic, change.action, change.detail, purposes.get(change.topic, ""))
-    console.print(table)
+    console.print(fit(table, ids={"topic"}, optional=("purpose",)))
 
 
 @topics_app.command("list")
@@ -101,7 +102,7 @@ def topics_list(ctx: typer.Context) -> None:
     for spec in TOPICS:
         name = settings.topic(spec.name)
         table.add_row(name, spec.key, str(have.get(name, "missing")), spec.join.value if spec.join else "", spec.purpose)
-    console.print(table)
+    console.print(fit(table, ids={"topic"}, optional=("purpose",)))
 
 
 @app.command()
@@ -129,7 +130,7 @@ def simulate(
     table = Table("topic", "records", title=f"{scenario}: {summary.requests:,} requests, labels in {labels}")
     for topic, count in summary.counts.items():
         table.add_row(settings.topic(topic), f"{count:,}")
-    console.print(table)
+    console.print(fit(table, ids={"topic"}))
 
 
 @app.command()
@@ -349,7 +350,7 @@ def dashboards_push(
     table = Table("kind", "uid", "title", "action", title=f"Grafana at {redact_dsn(settings.grafana_url)}")
     for change in changes:
         table.add_row(change.kind, change.uid, change.title, change.action)
-    console.print(table)
+    console.print(fit(table, ids={"uid"}))
     counts = Counter(change.action for change in changes)
     console.print(", ".join(f"{counts[a]} {a}" for a in ("created", "updated", "unchanged")))
 
@@ -437,14 +438,9 @@ def incidents(
     if as_json:
         print(msgspec.json.encode(shown).decode())
         return
-    table = Table("incident", "state", "severity", "started (UTC)", "what", "users", "teams", "latest reason",
-                  title=f"incidents: {sum(e.transition != 'resolved' for e in shown)} open")
-    for event in shown:
-        started = datetime.fromtimestamp(event.started_at_us / 1e6, tz=timezone.utc).strftime("%m-%d %H:%M:%S")
-        table.add_row(event.incident_id, event.transition + (" (drill)" if event.drill else ""), event.severity,
-                      started, f"{event.title}\n{event.root_key}", f"{event.affected_users:,}", ", ".join(event.teams),
-                      event.reason)
-    console.print(table)
+    from supportlens.support.render import incidents_table
+
+    console.print(incidents_table(shown))
 
 
 @app.command()
@@ -539,11 +535,9 @@ def accounts_list(
     if as_json:
         print(msgspec.json.encode(accounts).decode())
         return
-    table = Table("account", "name", "tier", "locale", "channel", "sends to", title=f"{len(accounts):,} accounts")
-    for a in accounts:
-        to = a.webhook_url if a.channel == "webhook" else ", ".join(c.email for c in a.contacts)
-        table.add_row(a.account_id, a.name, a.tier, a.locale, a.channel, to)
-    console.print(table)
+    from supportlens.support.render import accounts_table
+
+    console.print(accounts_table(accounts))
 
 
 @app.command()
@@ -573,7 +567,7 @@ def drill(
     for topic, unit in (("client-spans", "spans"), ("server-spans", "spans"), ("fault-reports", "reports")):
         table.add_row(settings.topic(topic), f"{summary.counts.get(topic, 0):,} {unit}",
                       f"{summary.records.get(topic, 0):,}")
-    console.print(table)
+    console.print(fit(table, ids={"topic"}))
     console.print(f"replayed {_utc(since)} – {_utc(until)} (recorded) as {_utc(summary.drill_start_us)} – "
                   f"{_utc(summary.drill_start_us + until - since)}; every id is now drill-{summary.drill_id}-<id>, "
                   "every record carries supportlens.drill=true")

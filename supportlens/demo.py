@@ -11,13 +11,15 @@ child process, on a store of the demo's own.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -29,6 +31,7 @@ from supportlens import store
 from supportlens.config import Settings
 from supportlens.contracts import CLASSES, CorrelatedRequest, DiagnosedReport, decode
 from supportlens.errors import UserError
+from supportlens.fit import fit
 from supportlens.serve import READY_LINE
 from supportlens.simulator.labels import ReportLabel, RequestLabel, RunLabel, read_labels
 from supportlens.support import render
@@ -58,8 +61,29 @@ def run_demo(
     the pipeline's real topics, whatever cluster the settings point at.
     """
     settings = _demo_settings(settings)
-    provision(settings)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with library_logs_to(out_dir / "demo.log"):
+        _run(settings, console, rate, duration_s, out_dir, progress)
+
+
+@contextlib.contextmanager
+def library_logs_to(path: Path) -> Iterator[None]:
+    """Log records of this process (librdkafka's through ``supportlens.kafka``, the store's, ours)
+    go to ``path``, not to the terminal: without a handler, Python prints warnings raw on stderr."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _run(settings: Settings, console: Console, rate: float, duration_s: int, out_dir: Path,
+         progress: Callable[[], Progress]) -> None:
+    provision(settings)
     _fresh_store(settings)
     _sink_from_now_on(settings)
     console.print(
@@ -67,7 +91,7 @@ def run_demo(
         f"{duration_s} simulated seconds each, Kafka at {settings.kafka_bootstrap}, "
         f"ClickHouse {store.redact_dsn(settings.clickhouse_dsn)}"
     )
-    log_path = out_dir / "serve.log"
+    log_path = out_dir / "serve.log"  # the pipeline's; this process's own lines go to demo.log
     worker = _start_serve(settings, log_path, console)
     problems: list[str] = []
     results: list[tuple[RunLabel, Score]] = []
@@ -99,7 +123,7 @@ def run_demo(
                              ("request diagnoses", sum((r.requests for _, r in results), Counter()))):
         # a heading of its own: a table title would wrap whenever the table is narrower than it
         console.print(f"\n[bold]{title}, all scenarios[/] (rows: expected, columns: diagnosed)")
-        console.print(_confusion_table(confusion))
+        console.print(fit(_confusion_table(confusion)))
     if problems:
         raise UserError("; ".join(problems), hint=f"the pipeline's log is {log_path}")
     console.print("[green]Every record landed, every request was correlated, every report diagnosed and "
@@ -235,7 +259,7 @@ def _print_scenario(console: Console, settings: Settings, run: RunLabel, seen: O
     table = Table("topic", "sent (truth)", "read back", show_edge=False, box=None, padding=(0, 2))
     for row in compare(run, seen):
         table.add_row(row.topic, f"{row.expected:,}", f"{row.seen:,} {_mark(row.ok)}")
-    console.print(table)
+    console.print(fit(table, ids={"topic"}))
     problems = [f"{run.scenario}: {row.topic} sent {row.expected}, read {row.seen}" for row in compare(run, seen) if not row.ok]
     console.print(
         f"  correlated [bold]{len(result.correlated):,}[/] of {len(result.expected_requests):,} requests "

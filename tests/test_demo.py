@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 
 import pytest
 
 from helpers import settings_env, supportlens_cmd
+from supportlens.demo import library_logs_to
 from supportlens.simulator.labels import read_run
 from supportlens.simulator.run import SimulateOptions, simulate
 from supportlens.topics import provision
@@ -46,6 +48,17 @@ def test_demo_runs_every_scenario_through_a_worker_and_shows_what_it_found(setti
     assert top.index("server_error") < top.index("payment") < top.index("network_unreachable")
     assert "requests of earlier runs were correlated meanwhile" in done.stdout  # counted apart, not as this run's
     assert f"Kafka at {settings.kafka_bootstrap}" in done.stdout
+    assert "GETPID" not in done.stdout + done.stderr and (tmp_path / "demo.log").exists()
+    assert "…" not in done.stdout  # no cell cut (rich's mark), ids included
+
+
+def test_library_warnings_go_to_the_demo_log_not_the_terminal(tmp_path, capfd):
+    with library_logs_to(tmp_path / "demo.log"):
+        logging.getLogger("supportlens.kafka").warning("GETPID [thrd:main]: Failed to acquire idempotence PID")
+    logging.getLogger("supportlens.kafka").warning("after the demo")  # the handler is gone again
+    assert "Failed to acquire idempotence PID" in (tmp_path / "demo.log").read_text()
+    assert "after the demo" not in (tmp_path / "demo.log").read_text()
+    assert "GETPID" not in capfd.readouterr().err
 
 
 def _number(text: str) -> int:

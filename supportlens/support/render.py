@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timezone
 
 from rich.console import Group
@@ -9,6 +10,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from supportlens.contracts import Account, IncidentEvent
+from supportlens.fit import Fitted, fit
 from supportlens.store import TableCounts
 from supportlens.store.lookup import ReportDetail, RequestChain, Timeline, TopProblems
 
@@ -31,7 +34,7 @@ def _cls(name: str) -> Text:
     return Text(name, style=CLASS_STYLES.get(name, ""))
 
 
-def timeline_table(result: Timeline) -> Table:
+def timeline_table(result: Timeline) -> Fitted:
     title = (f"{result.key_kind} {result.key}: {result.requests:,} requests ({result.failed:,} failed), "
              f"{result.reports:,} fault reports, {when(result.since_us)} → {when(result.until_us)}")
     table = Table("time (UTC)", "kind", "id", "what", "diagnosis", "service", "status", "duration", "detail",
@@ -47,7 +50,7 @@ def timeline_table(result: Timeline) -> Table:
         table.caption = "fell into: " + "; ".join(
             f"{i.incident_id} {i.severity} {i.title or i.root_key} ({i.state}, {i.requests} failed requests)"
             for i in result.incidents)
-    return table
+    return fit(table, ids={"id"}, optional=("status", "duration", "service"))
 
 
 def chain_view(chain: RequestChain) -> Group | Text:
@@ -56,7 +59,7 @@ def chain_view(chain: RequestChain) -> Group | Text:
         return Text(f"request {chain.request_id}: not found{extra}")
     summary = Table.grid(padding=(0, 2))
     summary.add_column(style="bold")
-    summary.add_column()
+    summary.add_column(overflow="fold")  # a long URL folds, never cut
     for label, value in (
         ("start", when(chain.start_us)), ("operation", chain.operation),
         ("customer", f"ip {chain.client_ip or '—'} · user {chain.user_id or '—'} · account {chain.account_id or '—'}"),
@@ -76,7 +79,8 @@ def chain_view(chain: RequestChain) -> Group | Text:
         bar = Text(" " * lead + "█" * width, style="red" if s.status == "error" else "green")
         status = s.status + (f" {s.http_status}" if s.http_status else "") + (f" {s.error_code}" if s.error_code else "")
         spans.add_row(s.side, s.service, s.operation, f"+{millis(s.offset_us)}", millis(s.duration_us), status, bar)
-    return Group(Panel(summary, title=f"request {chain.request_id}", title_align="left"), spans)
+    return Group(Panel(summary, title=f"request {chain.request_id}", title_align="left"),
+                 fit(spans, optional=("waterfall", "operation")))
 
 
 def report_view(report: ReportDetail) -> Panel | Text:
@@ -84,7 +88,7 @@ def report_view(report: ReportDetail) -> Panel | Text:
         return Text(f"fault report {report.report_id}: not found")
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
-    grid.add_column()
+    grid.add_column(overflow="fold")  # a long URL folds, never cut
     rows = [
         ("received", when(report.received_at_us)),
         ("customer", f"ip {report.client_ip} · user {report.user_id or '—'} · account {report.account_id or '—'}"),
@@ -103,7 +107,7 @@ def report_view(report: ReportDetail) -> Panel | Text:
     return Panel(grid, title=f"fault report {report.report_id}", title_align="left")
 
 
-def top_table(result: TopProblems) -> Table:
+def top_table(result: TopProblems) -> Fitted:
     table = Table("diagnosis", result.by, "requests", "share of all requests", "users",
                   title=f"top problems by {result.by}, {when(result.since_us)} → {when(result.until_us)}",
                   title_justify="left")
@@ -112,12 +116,33 @@ def top_table(result: TopProblems) -> Table:
                       f"{row.users:,}")
     if not result.rows:
         table.caption = "no problems in this window"
-    return table
+    return fit(table)
 
 
-def counts_table(counts: TableCounts, where: str) -> Table:
+def counts_table(counts: TableCounts, where: str) -> Fitted:
     table = Table("table", "rows", "stored (copies not yet merged)", title=f"ClickHouse {where}", title_justify="left")
     for name, count in counts.rows.items():
         table.add_row(name, f"{count:,}", f"{counts.stored[name]:,}")
-    return table
+    return fit(table, ids={"table"})
 
+
+
+def incidents_table(shown: Sequence[IncidentEvent]) -> Fitted:
+    """Each incident's latest transition (``supportlens incidents``)."""
+    table = Table("incident", "state", "severity", "started (UTC)", "what", "users", "teams", "latest reason",
+                  title=f"incidents: {sum(e.transition != 'resolved' for e in shown)} open")
+    for event in shown:
+        started = datetime.fromtimestamp(event.started_at_us / 1e6, tz=timezone.utc).strftime("%m-%d %H:%M:%S")
+        table.add_row(event.incident_id, event.transition + (" (drill)" if event.drill else ""), event.severity,
+                      started, f"{event.title}\n{event.root_key}", f"{event.affected_users:,}", ", ".join(event.teams),
+                      event.reason)
+    return fit(table, ids={"incident"}, optional=("teams", "users"))
+
+
+def accounts_table(accounts: Sequence[Account]) -> Fitted:
+    """The accounts and where their notices go (``supportlens accounts list``)."""
+    table = Table("account", "name", "tier", "locale", "channel", "sends to", title=f"{len(accounts):,} accounts")
+    for a in accounts:
+        to = a.webhook_url if a.channel == "webhook" else ", ".join(c.email for c in a.contacts)
+        table.add_row(a.account_id, a.name, a.tier, a.locale, a.channel, to)
+    return fit(table, ids={"account"}, optional=("locale", "channel"))
