@@ -2,12 +2,12 @@
 
 Support copies a request or report id from one lookup into the next, so an id column is
 never wrapped or shortened. Every other column may wrap between words, never inside one
-(a word longer than :data:`LONGEST_WORD` folds), and keeps at least :data:`MIN_CELL`
-characters a line. What does not fit the width the table gets is given up in this order:
-its borders, then the columns it names as optional (said in its caption), and last the
-table itself: it is printed vertically, one block per row and a line per column. The
-choice is made when the table is rendered, so one table uses a wide terminal and stays
-readable on a narrow one.
+(a word longer than :data:`LONGEST_WORD` folds, and Chinese text between any two
+characters), and keeps at least :data:`MIN_CELL` characters a line. What does not fit the
+width the table gets is given up in this order: its borders, then the columns it names as
+optional (said in its caption), and last the table itself: it is printed vertically, one
+block per row and a line per column. The choice is made when the table is rendered, so
+one table uses a wide terminal and stays readable on a narrow one.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ LONGEST_WORD = 24  # a longer word (a URL, a stack frame) may fold inside itself
 
 
 def fit(table: Table, ids: Collection[str] = (), optional: Sequence[str] = ()) -> "Fitted":
-    """``table`` as a renderable that fits its width. ``ids`` are the headers of id columns;
-    ``optional`` those of columns to leave out, first named first, when the width is short."""
+    """``table`` as a renderable that fits its width. ``ids`` are the headers of columns that
+    print whole on one line (ids, and bars such as a waterfall); ``optional`` those of
+    columns to leave out, first named first, when the width is short."""
     return Fitted(table, frozenset(ids), tuple(optional))
 
 
@@ -48,7 +49,7 @@ class Fitted:
             header = str(column.header)
             lines = [line for cell in column.cells for line in _plain(cell).splitlines()]
             longest = max((cell_len(line) for line in lines), default=0)
-            word = max((cell_len(w) for line in lines for w in line.split()), default=0)
+            word = max((_unbroken(w) for line in lines for w in line.split()), default=0)
             if header in ids:
                 column.no_wrap = True
                 column.overflow = "ignore"
@@ -162,6 +163,13 @@ def _plain(cell: object) -> str:
     if isinstance(cell, str):
         return Text.from_markup(cell).plain
     return ""
+
+
+def _unbroken(word: str) -> int:
+    """How wide ``word`` must print unbroken. Chinese and Japanese text has no spaces between
+    words and may break between any two characters, so a run of wide characters needs none."""
+    width = cell_len(word)
+    return min(width, MIN_CELL) if width > len(word) else width
 
 
 def _longest_word(header: object) -> int:

@@ -80,7 +80,7 @@ def chain_view(chain: RequestChain) -> Group | Text:
         status = s.status + (f" {s.http_status}" if s.http_status else "") + (f" {s.error_code}" if s.error_code else "")
         spans.add_row(s.side, s.service, s.operation, f"+{millis(s.offset_us)}", millis(s.duration_us), status, bar)
     return Group(Panel(summary, title=f"request {chain.request_id}", title_align="left"),
-                 fit(spans, optional=("waterfall", "operation")))
+                 fit(spans, ids={"waterfall"}, optional=("waterfall", "operation")))  # a bar prints whole
 
 
 def report_view(report: ReportDetail) -> Panel | Text:
