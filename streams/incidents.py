@@ -41,6 +41,7 @@ class DeclareRules(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sre_team: str
     unresolved_after_s: int
     floor_users: int
+    advice_classes: list[str] = []
 
 
 class MergeRules(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -230,7 +231,8 @@ class IncidentBook:
             unresolved_at = incident.started_at_us + rules.declare.unresolved_after_s * 1_000_000
             if incident.state == "candidate":
                 # the floor holds for this rule too: a handful of users is a support case, however long
-                if self._active(incident) and now >= unresolved_at and _users(incident) >= rules.declare.floor_users:
+                if self._active(incident) and now >= unresolved_at and _users(incident) >= rules.declare.floor_users \
+                        and not self._advice_only(incident):
                     out.append(self._declare(incident, self._at(incident, unresolved_at), f"a surge is still unresolved "
                                              f"after {rules.declare.unresolved_after_s // 60} minutes", "policy"))
             elif incident.state == "declared" and not incident.escalated and now >= unresolved_at \
@@ -319,11 +321,19 @@ class IncidentBook:
         self.state.incidents.append(incident)
         return incident
 
+    def _advice_only(self, incident: Incident) -> bool:
+        """The group's surging classes are all the customers' own doing (``advice_classes``): they
+        get advice (notices), the surges stay on record, and no rule declares it."""
+        classes = {key.split("=", 1)[1] for key in incident.surges if key.startswith("diagnosis_class=")}
+        return bool(classes) and classes <= set(self.policy.declare.advice_classes)
+
     def _declaration_reason(self, incident: Incident, now_us: int) -> str:
         """Which rule of the policy declares this group now; empty when none holds."""
         rules = self.policy.declare
         users = _users(incident)
         if users < rules.floor_users:
+            return ""
+        if self._advice_only(incident):
             return ""
         reasons = []
         share = max((r.affected_users / r.active_users for r in incident.surges.values() if r.active_users), default=0.0)

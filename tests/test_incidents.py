@@ -118,6 +118,20 @@ def test_below_the_floor_nothing_is_declared_even_for_a_team_other_than_sre_or_a
     assert event.transition == "declared"
 
 
+def test_a_wave_of_client_misuse_alone_is_advice_not_an_incident_but_misuse_beside_a_failure_is_one():
+    # one customer's integration calling wrongly, seen wide: in its class, its platform, its service
+    wave = [start("diagnosis_class=client_misuse", 0, users=60, active=1000),
+            start("platform=web", 0, users=60, active=1000), start("service=orders", 0, users=60, active=1000)]
+    book = new_book()
+    assert book.on_surges(wave) == []
+    assert book.on_time(at(2 * 3600)) == []  # not even once unresolved for an hour: it is the customer's
+    [event] = new_book().on_surges([*wave, start("diagnosis_class=server_error", 0, users=60, active=1000)])
+    assert event.transition == "declared" and "wide impact" in event.reason
+    lenient = msgspec.structs.replace(POLICY, declare=msgspec.structs.replace(POLICY.declare, advice_classes=[]))
+    [declared] = IncidentBook(lenient, team_of).on_surges(wave)
+    assert declared.transition == "declared"
+
+
 # ---- grouping -----------------------------------------------------------------------------------
 
 OUTAGE = {  # one payment outage as the detector sees it: in its service, class, every region and platform

@@ -72,6 +72,12 @@ def test_ordinary_traffic_and_one_customers_misuse_declare_nothing(name):
     assert out.incidents == []
 
 
+def test_a_misuse_wave_at_twice_the_traffic_surges_and_still_declares_nothing_the_customer_gets_advice():
+    plan, out = replayed("misuse-wave", 100)
+    assert any(s.dimension == "diagnosis_class" and s.value == "client_misuse" for s in out.surges)
+    assert out.incidents == []  # the policy's advice_classes: misuse alone is the customer's, not ours
+
+
 def test_a_bad_release_at_night_needs_twice_the_traffic_and_is_declared_later():
     # Android 5.4.0 crashes at checkout only: at 50 requests per second that is 7 crashes and
     # reports a bucket on average, under the 10 a bucket needs to start a surge, and buckets
