@@ -99,7 +99,9 @@ class Notifier:
         if event.transition == "resolved":
             told = self.state.notified.pop(event.incident_id, [])
             return [self._incident_notice(event, accounts[a], "incident_resolved") for a in told if a in accounts]
-        if event.transition not in ("declared", "updated", "escalated"):
+        # mitigated too: a worker catching up on a backlog closes a whole surge in one step, and the
+        # accounts its later buckets hurt are first seen with the mitigation; they were affected
+        if event.transition not in ("declared", "updated", "escalated", "mitigated"):
             return []
         told = self.state.notified.setdefault(event.incident_id, [])
         new = sorted(a for a in set(affected) - set(told) if (acct := accounts.get(a)) is not None and acct.tier == "vip")

@@ -51,11 +51,12 @@ class RequestCounter:
 
 def replay(records: Iterable[tuple[int, Record]], catalog: Catalog, policy: Policy,
            config: EngineConfig = EngineConfig(), notifier: Notifier | None = None,
-           engine: SurgeEngine | None = None) -> Outputs:
+           engine: SurgeEngine | None = None, clock_every_s: int = 1) -> Outputs:
     """Feed ``(event time µs, record)`` pairs, in time order, through counting and the engine.
 
     Account records fill the engine's accounts. Pass ``engine`` to continue one across calls
-    (one run a day for a simulated week)."""
+    (one run a day for a simulated week). ``clock_every_s`` is the event time between two
+    flushes: a worker catching up on a backlog reads minutes of it between two of its clocks."""
     aggregator = SignalAggregator(source="offline", bucket_s=config.surge.bucket_s, sketch_k=config.sketch_k)
     counter = RequestCounter(aggregator, catalog)
     accounts: dict[str, Account] = {}
@@ -79,10 +80,10 @@ def replay(records: Iterable[tuple[int, Record]], catalog: Catalog, policy: Poli
 
     for ts_us, record in records:
         if next_flush is None:
-            next_flush = ts_us - ts_us % SECOND_US + SECOND_US
+            next_flush = ts_us - ts_us % SECOND_US + SECOND_US * clock_every_s
         while ts_us >= next_flush:
             flush(next_flush)
-            next_flush += SECOND_US
+            next_flush += SECOND_US * clock_every_s
         if isinstance(record, Account):
             accounts[record.account_id] = record
             continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+import msgspec
 import pytest
 
 from supportlens.contracts import Account, Contact, IncidentEvent
@@ -103,3 +104,38 @@ def test_the_misuse_scenario_over_a_simulated_week_gives_one_advice_per_vip_and_
     misuse_account = world.misuse_account
     assert misuse_account in world.vip_accounts
     assert advice == [(0, misuse_account, "ORDER_BEFORE_LOGIN"), (7, misuse_account, "ORDER_BEFORE_LOGIN")]
+
+
+@pytest.mark.parametrize("name", ["service-outage", "bad-release"])
+def test_a_worker_catching_up_on_a_backlog_tells_the_same_vip_accounts_as_one_that_kept_up(name):
+    # Behind, a worker reads minutes of event time between two of its clocks: one step of the
+    # engine then closes the rest of a surge declared in the step before, and the accounts its
+    # later buckets hurt are first seen when the incident is already mitigated. They were
+    # affected, and must be told.
+    world = build_world(11, 3000)
+    plan = Plan(scenario(name), 80, 1000, 11, int(datetime(2026, 11, 22, 7, 30, tzinfo=timezone.utc).timestamp()) * SECOND_US)
+    simulation = Simulation(plan, world)
+    records = [(e.ts_us, e.record) for e in simulation.accounts()]
+    records += [(e.ts_us, e.record) for tick in simulation.ticks() for e in tick.events]
+    onset = plan.window_us[0] + 60 * SECOND_US  # declared by then (in its fourth bucket, the latest)
+    # no severity to raise on the way: an "updated" transition would tell everyone affected so far
+    policy = load_policy()
+    policy = msgspec.structs.replace(policy, severity=msgspec.structs.replace(policy.severity, sev2_users=10**6,
+                                                                              sev1_users=10**6))
+
+    def told(clock_after_onset_s: int) -> dict[str, list[str]]:
+        config = EngineConfig(SurgeParams(warmup_buckets=6))
+        engine = SurgeEngine(config, policy, CATALOG.team_of, notifier=Notifier(TEMPLATES, CATALOG, ""),
+                             accounts={})
+        out = replay([r for r in records if r[0] < onset], CATALOG, policy, config, engine=engine)
+        assert [e.transition for e in out.incidents][0] == "declared"
+        out.extend(replay([r for r in records if r[0] >= onset], CATALOG, policy, config, engine=engine,
+                          clock_every_s=clock_after_onset_s))
+        assert [e.transition for e in out.incidents if e.transition in ("declared", "resolved")] == \
+            ["declared", "resolved"], [(e.transition, e.root_key) for e in out.incidents]
+        return {kind: sorted(n.account_id for n in out.notifications if n.kind == kind)
+                for kind in ("incident_declared", "incident_resolved")}
+
+    kept_up, behind = told(1), told(900)
+    assert kept_up["incident_declared"] and behind == kept_up
+    assert behind["incident_resolved"] == behind["incident_declared"]  # each told account followed up
