@@ -18,7 +18,7 @@ from supportlens.topics import require_topics
 from supportlens.simulator.generate import SECOND_US, Emit, Plan, Simulation
 from supportlens.simulator.labels import RunLabel, encode_label
 from supportlens.simulator.scenarios import scenario as find_scenario
-from supportlens.simulator.world import build_world
+from supportlens.simulator.world import build_world, with_vip_webhooks
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class SimulateOptions:
     start: datetime | None = None
     labels_path: Path = Path("labels.jsonl")
     batch: bool = True  # spans in batch records per partition; False: one span a record, the older format
+    vip_webhooks: str = ""  # set: every VIP account takes webhooks at <vip_webhooks>/<account id>
 
 
 class Outgoing(NamedTuple):
@@ -105,6 +106,8 @@ def simulate(
     plan = plan_for(options)
     require_topics(settings, ("accounts", "client-spans", "server-spans", "fault-reports", "behaviour"))
     world = build_world(options.seed, options.users)
+    if options.vip_webhooks:
+        world = with_vip_webhooks(world, options.vip_webhooks)
     sim = Simulation(plan, world)
     producer = BulkProducer(settings)
 

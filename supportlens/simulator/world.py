@@ -5,9 +5,12 @@ Everything is built deterministically from a seed, so a run can be repeated exac
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 from dataclasses import dataclass
+
+import msgspec
 
 from supportlens.contracts import Account, Contact, Network
 
@@ -166,3 +169,11 @@ def build_world(seed: int, users: int, vip_share: float = 0.1, consent_share: fl
         )
     vip = frozenset(a.account_id for a in accounts if a.tier == "vip")
     return World(tuple(population), tuple(accounts), vip, misuse_account=accounts[0].account_id)
+
+
+def with_vip_webhooks(world: World, base_url: str) -> World:
+    """The same world, every VIP account taking its notices by webhook at ``<base_url>/<account id>``
+    (the demo's receiver stands in for the customers' endpoints)."""
+    accounts = tuple(msgspec.structs.replace(a, channel="webhook", webhook_url=f"{base_url.rstrip('/')}/{a.account_id}")
+                     if a.tier == "vip" else a for a in world.accounts)
+    return dataclasses.replace(world, accounts=accounts)
