@@ -162,14 +162,14 @@ def validate(
 @app.command()
 def demo(
     ctx: typer.Context,
-    rate: Annotated[float, typer.Option(help="Requests per simulated second at the daily peak.")] = 150.0,
-    duration: Annotated[int, typer.Option(help="Simulated seconds per scenario.")] = 60,
-    out: Annotated[Path, typer.Option(help="Where labels and the worker's log go.")] = Path("out/demo"),
+    rate: Annotated[float, typer.Option(help="Requests per simulated second at the daily peak.")] = 80.0,
+    window: Annotated[int, typer.Option(help="Simulated seconds of each outage's part of the day.")] = 300,
+    out: Annotated[Path, typer.Option(help="Where labels, the topics' events and the logs go.")] = Path("out/demo"),
 ) -> None:
-    """Run every scripted scenario through Kafka and a worker; print what was correlated and diagnosed."""
+    """Replay a past day through Kafka and the pipeline: correlation, diagnoses, incidents, VIP notices, a drill."""
     from supportlens.demo import run_demo
 
-    run_demo(ctx.obj, console, rate=rate, duration_s=duration, out_dir=out, progress=_progress)
+    run_demo(ctx.obj, console, rate=rate, window_s=window, out_dir=out, progress=_progress)
 
 
 @app.command()

@@ -27,7 +27,7 @@ from pydantic import SecretStr
 
 from conftest import subprocess_dsn
 from helpers import free_port, settings_env, supportlens_cmd
-from webhook_receiver import Received, WebhookReceiver
+from supportlens.demo.receiver import Received, WebhookReceiver
 from sinks.notifications import READY_LINE as NOTIFY_READY
 from supportlens.config import Settings, load_settings
 from supportlens.contracts import DeliveryAttempt, IncidentEvent, Notification, decode

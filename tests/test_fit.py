@@ -16,8 +16,10 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
-from supportlens.contracts import Account, Contact, IncidentEvent
-from supportlens.demo import _confusion_table
+from supportlens.contracts import Account, Contact, DeliveryAttempt, IncidentEvent, Notification
+from supportlens.demo.incidents import day_counts_table
+from supportlens.demo.main import _confusion_table
+from supportlens.demo.receiver import Received
 from supportlens.fit import LONGEST_WORD, MIN_CELL, Fitted, _plain, fit
 from supportlens.store import TableCounts
 from supportlens.store.lookup import (
@@ -106,6 +108,16 @@ def _confusion() -> Table:
                                      "network_unreachable"): 311, ("server_error", "unknown"): 2}))
 
 
+def _day_counts() -> Table:
+    notice = Notification(notification_id="n-1", account_id="acct-00001", kind="incident_declared",
+                          created_at_us=T0, incident_id="inc-1")
+    attempt = DeliveryAttempt(notification_id="n-1", attempt=1, account_id="acct-00001", at_us=T0,
+                              channel="webhook", outcome="delivered")
+    received = Received("/hooks/acct-00001", {}, b"{}", True)
+    return day_counts_table({"surges": [], "incidents": _incidents(), "notifications": [notice],
+                             "deliveries": [attempt]}, [received], [])
+
+
 # what each table shows, and the ids in it that must print whole
 TABLES = {
     "lookup --ip": (lambda: render.timeline_table(_timeline()), _ids()),
@@ -122,6 +134,7 @@ TABLES = {
     "accounts list": (lambda: render.accounts_table(_accounts()),
                       [f"acct-vip-000{i}-enterprise" for i in (1, 2, 3)]),
     "demo confusion": (lambda: fit(_confusion()), []),
+    "demo counts": (lambda: fit(_day_counts()), []),
 }
 
 

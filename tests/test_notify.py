@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from helpers import free_port, settings_env, supportlens_cmd
-from webhook_receiver import WebhookReceiver
+from supportlens.demo.receiver import WebhookReceiver
 from sinks.notifications import READY_LINE, NotificationDelivery
 from supportlens.config import Settings
 from supportlens.contracts import DeliveryAttempt, Notification, decode, encode

@@ -1,4 +1,5 @@
-"""A real webhook endpoint for tests: aiohttp on 127.0.0.1 in a thread of its own.
+"""A real webhook endpoint, standing in for a customer's (the demo's, and the tests'): aiohttp on
+127.0.0.1 in a thread of its own.
 
 Each path answers the statuses of its plan in order, repeating the last (200 without a
 plan); a request whose signature does not verify against the receiver's secret gets 401.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -16,7 +18,6 @@ from typing import Any
 
 from aiohttp import web
 
-from helpers import free_port
 from sinks.signing import verify_signature
 
 
@@ -35,7 +36,7 @@ class Received:
 class WebhookReceiver:
     def __init__(self, secret: str) -> None:
         self.secret = secret
-        self.port = free_port()
+        self.port = _free_port()
         self._received: list[Received] = []
         self.plans: dict[str, list[int]] = {}
         self._lock = threading.Lock()
@@ -85,3 +86,9 @@ class WebhookReceiver:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
