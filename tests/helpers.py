@@ -6,6 +6,7 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from supportlens.config import Settings
 
@@ -106,3 +107,33 @@ def spans_in_records(records, partitions: int | None = None) -> list:
             assert len(where) == 1 and named in (None, *where), (where, named, record.key)
         spans.extend(decoded.spans)
     return spans
+
+
+def own_database(dsn: str, state_dir: Path) -> tuple[Settings, Any]:
+    """Settings for a database of its own on ``dsn`` (the environment's SUPPORTLENS_* ignored),
+    and a client with the tables migrated: for module fixtures, which cannot use monkeypatch."""
+    import uuid
+
+    import pytest
+
+    from supportlens import store
+    from supportlens.config import load_settings
+
+    with pytest.MonkeyPatch.context() as env:
+        for key in [k for k in os.environ if k.startswith("SUPPORTLENS_")]:
+            env.delenv(key)
+        settings = load_settings(clickhouse_dsn=dsn, clickhouse_database=f"t_{uuid.uuid4().hex[:10]}", state_dir=state_dir)
+    client = store.connect(settings)
+    store.migrate(client, settings)
+    return settings, client
+
+
+def insert_records(client: Any, topic: str, records: Any) -> None:
+    """Store records of a logical topic as the sink would (its row mapping), without Kafka."""
+    from sinks.clickhouse_rows import MAPPINGS, RecordMeta, to_row
+    from supportlens.contracts import encode
+
+    mapping = MAPPINGS[topic]
+    rows = [to_row(topic, encode(r), RecordMeta(0, i, 0), 1_048_576) for i, r in enumerate(records)]
+    if rows:
+        client.insert(mapping.table, rows, column_names=mapping.columns)

@@ -14,9 +14,7 @@ Runs on the embedded engine here; on a server when ``CLICKHOUSE_URL`` is set or 
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,8 +24,8 @@ import pytest
 
 from dashboards.build import all_dashboards
 from dashboards.common import Dashboard, Sql
+from helpers import insert_records, own_database
 from grafana_sql import Selection, TimeRange, expand
-from sinks.clickhouse_rows import MAPPINGS, RecordMeta, to_row
 from streams.catalog import load_catalog
 from streams.correlate import add_span, build_request
 from streams.detect import EngineConfig, Outputs
@@ -35,10 +33,8 @@ from streams.diagnose import diagnose_report, primary_request_id
 from streams.incidents import load_policy
 from streams.offline import replay
 from streams.surge import SurgeParams
-from supportlens import store
-from supportlens.config import load_settings
 from supportlens.contracts import (
-    CorrelatedRequest, DeliveryAttempt, FaultReport, IncidentEvent, Notification, Span, encode,
+    CorrelatedRequest, DeliveryAttempt, FaultReport, IncidentEvent, Notification, Span,
 )
 from supportlens.simulator.generate import Plan, Simulation
 from supportlens.simulator.scenarios import scenario
@@ -110,13 +106,6 @@ def _vip_outbox(run: Run, world: World) -> tuple[list[Notification], list[Delive
     return notices, attempts
 
 
-def _insert(client, topic: str, records) -> None:
-    mapping = MAPPINGS[topic]
-    rows = [to_row(topic, encode(r), RecordMeta(0, i, 0), 1_048_576) for i, r in enumerate(records)]
-    if rows:
-        client.insert(mapping.table, rows, column_names=mapping.columns)
-
-
 @dataclass
 class Loaded:
     client: Any
@@ -136,27 +125,21 @@ def loaded(clickhouse_target, tmp_path_factory) -> Iterator[Loaded]:
     outage = _run("service-outage", first, world)
     # cut at 60 % of the run: the ISP outage (20 %–80 %) is declared and still open
     isp = _run("isp-outage", second, world, until_fraction=0.6)
-    with pytest.MonkeyPatch.context() as env:
-        for key in [k for k in os.environ if k.startswith("SUPPORTLENS_")]:
-            env.delenv(key)
-        settings = load_settings(clickhouse_dsn=clickhouse_target.dsn, clickhouse_database=f"t_{uuid.uuid4().hex[:10]}",
-                                 state_dir=tmp_path_factory.mktemp("dashboards-state"))
-    client = store.connect(settings)
-    store.migrate(client, settings)
+    settings, client = own_database(clickhouse_target.dsn, tmp_path_factory.mktemp("dashboards-state"))
     notices, attempts = [], []
     for run in (outage, isp):
         by_id = {r.request_id: r for r in run.requests}
-        _insert(client, "requests", run.requests)
-        _insert(client, "fault-reports", run.reports)
-        _insert(client, "reports-diagnosed", [
+        insert_records(client, "requests", run.requests)
+        insert_records(client, "fault-reports", run.reports)
+        insert_records(client, "reports-diagnosed", [
             diagnose_report(r, by_id.get(primary_request_id(r)), CATALOG, r.received_at_us + US) for r in run.reports])
-        _insert(client, "surges", run.out.surges)
-        _insert(client, "incidents", run.out.incidents)
+        insert_records(client, "surges", run.out.surges)
+        insert_records(client, "incidents", run.out.incidents)
         run_notices, run_attempts = _vip_outbox(run, world)
         notices += run_notices
         attempts += run_attempts
-    _insert(client, "notifications", notices)
-    _insert(client, "deliveries", attempts)
+    insert_records(client, "notifications", notices)
+    insert_records(client, "deliveries", attempts)
     span = TimeRange((first - 3600 * US) // 1000, (second + DURATION_S * US + 3600 * US) // 1000, 60_000)
     yield Loaded(client, span, outage.requests + isp.requests, outage.reports + isp.reports,
                  outage.out.incidents + isp.out.incidents, notices)

@@ -131,6 +131,14 @@ def test_the_demo_day_declares_each_outage_tells_its_vips_stays_quiet_at_night_a
     for w in at["customer"]:
         assert w["path"] == f"/hooks/{w['payload']['account_id']}"
 
+    # it ends by writing the day's complaint report, whose incidents are the day's
+    [page] = list(out.glob("daily-*.en.html"))
+    assert str(page) in done.stdout.replace("\n", "") and (out / page.name.replace(".html", ".md")).exists()
+    text = page.with_suffix(".md").read_text(encoding="utf-8")
+    assert all(o["incident_id"] in text for o in outages.values())
+    manual_id = manual[0]["incident_id"]
+    assert manual_id not in text  # declared today, not on the replayed day
+
     # the screen: one on-call's view per outage, the counts, and support's lookups
     assert "the day in counts" in done.stdout and "quiet-night: no incident" in done.stdout
     assert "signature verified" in done.stdout and "misuse-wave: no incident" in done.stdout

@@ -2,7 +2,8 @@
 # Installs the Prometheus and Alertmanager binaries supportlens runs locally
 # (prometheus, promtool, prometheus-alertmanager) from Debian's packages, and
 # Docker Compose (docker-compose, v1 from Debian), whose `config` validates
-# deploy/compose.yaml without a Docker engine (tests/test_deploy.py).
+# deploy/compose.yaml without a Docker engine (tests/test_deploy.py), and headless
+# Chromium, in which tests open the HTML reports and take a screenshot.
 #
 # supportlens starts these itself with its own config and data directories;
 # the distro's daemons (system-wide config, port 9090/9093) must not be left
@@ -11,17 +12,22 @@
 # Idempotent: when the commands exist it only prints their versions.
 set -euo pipefail
 
-PACKAGES=(prometheus prometheus-alertmanager docker-compose)
-COMMANDS=(prometheus promtool prometheus-alertmanager docker-compose)
+PACKAGES=(prometheus prometheus-alertmanager docker-compose chromium fonts-wqy-microhei)
+COMMANDS=(prometheus promtool prometheus-alertmanager docker-compose chromium)
+# files of packages that bring no command: a CJK font, so a Chinese report's screenshot shows Chinese
+FILES=(/usr/share/fonts/truetype/wqy/wqy-microhei.ttc)
 POLICY_RC=/usr/sbin/policy-rc.d
 
 log() { printf 'services: %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
 
 missing_commands() {
-    local c
+    local c f
     for c in "${COMMANDS[@]}"; do
         command -v "$c" >/dev/null 2>&1 || echo "$c"
+    done
+    for f in "${FILES[@]}"; do
+        [[ -e "$f" ]] || echo "$f"
     done
 }
 
@@ -110,3 +116,4 @@ first_line prometheus --version
 first_line promtool --version
 first_line prometheus-alertmanager --version
 first_line docker-compose version
+chromium --version 2>/dev/null | sed -n 1p  # its wrapper script may warn on stderr first

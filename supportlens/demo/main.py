@@ -29,7 +29,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -152,6 +152,9 @@ def _run(settings: Settings, console: Console, rate: float, window_s: int, out_d
                 if process is not None:
                     process.terminate()
                     process.wait(60)
+    report = _daily_report(settings, day[0].start.date(), out_dir)
+    console.print(f"\nthe day's complaint report: [bold]{report}[/] (and .md beside it; "
+                  f"`supportlens report daily --date {day[0].start.date()}` writes it again)")
 
     for title, confusion in (("report diagnoses", sum((r.reports for _, r in results), Counter())),
                              ("request diagnoses", sum((r.requests for _, r in results), Counter()))):
@@ -360,6 +363,15 @@ def _wait_for_store(console: Console, support: RemoteSupport, correlated: int,
             if time.monotonic() - since > 60 or serve.poll() is not None:
                 return [f"ClickHouse holds {rows} requests, the worker correlated {correlated}"]
             time.sleep(0.5)
+
+
+def _daily_report(settings: Settings, day: date, out_dir: Path) -> Path:
+    """The daily complaint report of the replayed day, from the store ``serve`` has just let go of."""
+    from supportlens.reports.write import write_daily
+    from supportlens.store.daily import daily_figures
+
+    figures = daily_figures(store.connect(settings, create_database=False), day)
+    return write_daily(figures, "en", settings.clickhouse_database, out_dir)[0]
 
 
 def _show_store(console: Console, settings: Settings, support: RemoteSupport, labels: list,

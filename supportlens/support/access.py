@@ -6,6 +6,7 @@ it, the CLI asks that process's API instead. Both paths return the same structs.
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Any, Protocol, TypeVar
 
 import msgspec
@@ -15,7 +16,8 @@ from clickhouse_connect.driver.client import Client
 from supportlens import store
 from supportlens.config import Settings
 from supportlens.errors import UserError
-from supportlens.store import lookup, recorded
+from supportlens.store import daily, lookup, recorded
+from supportlens.store.daily import DailyFigures
 from supportlens.store.lookup import ReportDetail, RequestChain, Timeline, TopProblems
 from supportlens.store.recorded import RecordedIncident, ReportPage, SpanPage
 
@@ -31,6 +33,7 @@ class Support(Protocol):
     def recorded_incident(self, incident_id: str) -> RecordedIncident: ...
     def recorded_spans(self, since_us: int, until_us: int, after: str, limit: int) -> SpanPage: ...
     def recorded_reports(self, since_us: int, until_us: int, after: str, limit: int) -> ReportPage: ...
+    def daily_figures(self, day: str) -> DailyFigures: ...
 
 
 class DirectSupport:
@@ -62,6 +65,9 @@ class DirectSupport:
 
     def recorded_reports(self, since_us: int, until_us: int, after: str, limit: int) -> ReportPage:
         return recorded.recorded_reports(self.client, since_us, until_us, after, limit)
+
+    def daily_figures(self, day: str) -> DailyFigures:
+        return daily.daily_figures(self.client, _day(day))
 
 
 class RemoteSupport:
@@ -118,6 +124,16 @@ class RemoteSupport:
     def recorded_reports(self, since_us: int, until_us: int, after: str, limit: int) -> ReportPage:
         return self._get("/v1/recorded/reports", {"since_us": since_us, "until_us": until_us, "after": after,
                                                   "limit": limit}, ReportPage)
+
+    def daily_figures(self, day: str) -> DailyFigures:
+        return self._get("/v1/reports/daily", {"day": day}, DailyFigures)
+
+
+def _day(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise lookup.LookupInputError(f"{text[:40]!r} is not a day", hint="give YYYY-MM-DD") from None
 
 
 def open_support(settings: Settings) -> Support:

@@ -133,6 +133,10 @@ def _recorded_page(kind: str, default_limit: int) -> Callable[[web.Request], Any
     return page
 
 
+async def daily_report(request: web.Request) -> web.Response:
+    return await _run(request, lambda support: support.daily_figures(request.query.get("day", "")))
+
+
 async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
 
@@ -149,6 +153,7 @@ def build_support_app(support: Support, registry: CollectorRegistry) -> web.Appl
     app.router.add_get("/v1/incident", incident)
     app.router.add_get("/v1/recorded/spans", _recorded_page("spans", 5000))
     app.router.add_get("/v1/recorded/reports", _recorded_page("reports", 200))
+    app.router.add_get("/v1/reports/daily", daily_report)
     app.router.add_get("/healthz", healthz)
     app.router.add_routes([metrics_route(registry)])
     return app
