@@ -146,6 +146,11 @@ def check_notify_settings(settings: Settings) -> None:
         raise UserError("notification delivery needs a webhook signing secret",
                         hint="set SUPPORTLENS_NOTIFY_WEBHOOK_SECRET (environment or secrets file); "
                              "receivers verify X-Supportlens-Signature with it")
+    check_smtp_settings(settings)
+
+
+def check_smtp_settings(settings: Settings) -> None:
+    """Refuse settings that would send the SMTP password in clear text."""
     if settings.smtp_username and not settings.smtp_starttls and not _is_loopback(settings.smtp_host):
         raise UserError(f"refusing to send the SMTP password to {settings.smtp_host} without TLS",
                         hint="set SUPPORTLENS_SMTP_STARTTLS=true")
@@ -227,27 +232,30 @@ class Senders:
     def email(self, to: str, notification: Notification) -> SendResult:
         if not _EMAIL.match(to) or any(ord(c) < 32 for c in to):
             return SendResult(False, "invalid e-mail address", permanent=True)
-        s = self.settings
-        message = email_message(notification, s.smtp_from, to, time.time())
-        try:
-            with _ReplySMTP(s.smtp_host, s.smtp_port, timeout=s.notify_timeout_s) as smtp:
-                if s.smtp_starttls:
-                    smtp.starttls(context=ssl.create_default_context())
-                if s.smtp_username:
-                    password = s.smtp_password.get_secret_value() if s.smtp_password else ""
-                    smtp.login(s.smtp_username, password)
-                smtp.send_message(message)
-                code, reply = smtp.data_reply
-        except smtplib.SMTPRecipientsRefused as exc:
-            code, reply = next(iter(exc.recipients.values()))
-        except smtplib.SMTPResponseException as exc:  # sender refused, data refused, login refused, …
-            code, reply = exc.smtp_code, exc.smtp_error
-        except smtplib.SMTPNotSupportedError as exc:
-            return SendResult(False, f"SMTP server lacks a needed extension: {exc}", permanent=True)
-        except (smtplib.SMTPException, OSError) as exc:
-            return SendResult(False, f"SMTP server unreachable or hung up ({type(exc).__name__})")
-        text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
-        return smtp_result(code, " ".join(text.split()))
+        return smtp_send(self.settings, email_message(notification, self.settings.smtp_from, to, time.time()))
+
+
+def smtp_send(s: Settings, message: EmailMessage) -> SendResult:
+    """One attempt to hand ``message`` to the configured SMTP server; never raises."""
+    try:
+        with _ReplySMTP(s.smtp_host, s.smtp_port, timeout=s.notify_timeout_s) as smtp:
+            if s.smtp_starttls:
+                smtp.starttls(context=ssl.create_default_context())
+            if s.smtp_username:
+                password = s.smtp_password.get_secret_value() if s.smtp_password else ""
+                smtp.login(s.smtp_username, password)
+            smtp.send_message(message)
+            code, reply = smtp.data_reply
+    except smtplib.SMTPRecipientsRefused as exc:
+        code, reply = next(iter(exc.recipients.values()))
+    except smtplib.SMTPResponseException as exc:  # sender refused, data refused, login refused, …
+        code, reply = exc.smtp_code, exc.smtp_error
+    except smtplib.SMTPNotSupportedError as exc:
+        return SendResult(False, f"SMTP server lacks a needed extension: {exc}", permanent=True)
+    except (smtplib.SMTPException, OSError) as exc:
+        return SendResult(False, f"SMTP server unreachable or hung up ({type(exc).__name__})")
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
+    return smtp_result(code, " ".join(text.split()))
 
 
 # -- offsets ---------------------------------------------------------------------------

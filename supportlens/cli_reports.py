@@ -25,11 +25,12 @@ def daily(
     locale: Annotated[str, typer.Option(help="en or zh-CN.")] = "en",
     out: Annotated[Path, typer.Option(help="Directory the report files go to.")] = Path("out/reports"),
     formats: Annotated[str, typer.Option("--format", help="html, md, or both: html,md.")] = "html,md",
+    email: Annotated[bool, typer.Option("--email", help="Also e-mail it to report_recipients (SMTP settings).")] = False,
 ) -> None:
     """The daily complaint report: reports by diagnosis and dimension, top problems against the week
     before, time to diagnosis, the day's incidents and the misuse advice sent."""
-    from supportlens.reports.document import LOCALES
-    from supportlens.reports.write import FORMATS, write_daily
+    from supportlens.reports.document import LOCALES, daily_document
+    from supportlens.reports.write import FORMATS, write_report
     from supportlens.store.daily import parse_day
     from supportlens.support.access import open_support
 
@@ -40,7 +41,18 @@ def daily(
         raise UserError(f"unknown format {', '.join(unknown) or formats!r}", hint=f"use {', '.join(FORMATS)}")
     if locale not in LOCALES:
         raise UserError(f"no report in locale {locale!r}", hint=f"use one of {', '.join(LOCALES)}")
+    if email and not settings.report_recipients:
+        raise UserError("--email: no one to send the report to",
+                        hint="set SUPPORTLENS_REPORT_RECIPIENTS, e.g. '[\"support-leads@example.com\"]'")
     the_day = parse_day(day, datetime.fromtimestamp(time.time(), timezone.utc))
     figures = open_support(settings).daily_figures(the_day.isoformat())
-    for path in write_daily(figures, locale, settings.clickhouse_database, out, chosen):
+    document = daily_document(figures, locale, settings.clickhouse_database)
+    key = f"daily-{figures.day}"
+    paths = write_report(document, key, out, chosen)
+    for path in paths:
         console.print(f"wrote {path}")
+    if email:
+        from supportlens.reports.mail import send_report
+
+        page = next((p for p in paths if p.suffix == ".html"), None)
+        console.print(f"e-mailed to {', '.join(send_report(settings, document, key, page))}")

@@ -243,6 +243,10 @@ class Settings(BaseSettings):
         default="", pattern=r"^(https?://\S+)?$", description="Where drill notifications go, signed like any webhook; "
         "empty: drill notifications are sent nowhere (skipped_drill).",
     )
+    report_recipients: list[str] = Field(
+        default=[], description="E-mail addresses `supportlens report … --email` sends to (JSON list in the "
+        "environment, e.g. '[\"support-leads@example.com\"]').",
+    )
     smtp_host: str = Field(default="127.0.0.1", description="SMTP server that e-mail notifications are sent through.")
     smtp_port: int = Field(default=25, ge=1, le=65535, description="Port of the SMTP server.")
     smtp_from: str = Field(

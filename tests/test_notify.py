@@ -19,12 +19,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from aiosmtpd.controller import Controller
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Message, Producer, TopicPartition
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from helpers import free_port, settings_env, supportlens_cmd
+from helpers import settings_env, supportlens_cmd
+from mailbox_server import Mailbox, running_mailbox
 from supportlens.demo.receiver import WebhookReceiver
 from sinks.notifications import READY_LINE, NotificationDelivery
 from supportlens.config import Settings
@@ -47,24 +47,10 @@ def receiver() -> Iterator[WebhookReceiver]:
 
 # -- a real SMTP server ------------------------------------------------------------------
 
-class Mailbox:
-    def __init__(self) -> None:
-        self.mails: list[tuple[str, list[str], bytes]] = []
-
-    async def handle_DATA(self, server, session, envelope) -> str:  # noqa: N802 - aiosmtpd's hook name
-        self.mails.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
-        return "250 2.0.0 Ok: queued as T1"
-
-
 @pytest.fixture
 def smtp() -> Iterator[tuple[Mailbox, int]]:
-    mailbox = Mailbox()
-    controller = Controller(mailbox, hostname="127.0.0.1", port=free_port())
-    controller.start()
-    try:
-        yield mailbox, controller.port
-    finally:
-        controller.stop()
+    with running_mailbox() as (mailbox, port):
+        yield mailbox, port
 
 
 # -- Kafka helpers ---------------------------------------------------------------------------

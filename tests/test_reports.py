@@ -30,6 +30,7 @@ from streams.incidents import load_policy
 from streams.notices import Notifier, load_templates
 from streams.offline import replay
 from streams.surge import SurgeParams
+from supportlens.config import load_settings
 from supportlens.contracts import FaultReport, Span
 from supportlens.reports import html, markdown
 from supportlens.reports.document import daily_document
@@ -227,3 +228,40 @@ def test_the_support_api_serves_the_same_figures_and_refuses_a_bad_day(filled):
                 assert bad.status == 400 and words in (await bad.json())["error"]
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("locale", ["en", "zh-CN"])
+def test_the_report_arrives_by_email_with_a_plain_text_and_an_html_part_in_its_locale(filled, locale, tmp_path):
+    from email import message_from_bytes, policy
+
+    from mailbox_server import running_mailbox
+    from supportlens.reports.mail import send_report
+    from supportlens.reports.write import write_report
+
+    figures = daily_figures(filled.client, filled.day)
+    document = daily_document(figures, locale, filled.database)
+    [page] = write_report(document, f"daily-{figures.day}", tmp_path, ("html",))
+    with running_mailbox() as (mailbox, port):
+        settings = load_settings(smtp_host="127.0.0.1", smtp_port=port, report_recipients=["leads@example.com"])
+        assert send_report(settings, document, f"daily-{figures.day}", page) == ["leads@example.com"]
+        send_report(settings, document, f"daily-{figures.day}", page)  # a rerun for the same day
+    (_, to, raw), (_, _, again) = mailbox.mails
+    mail = message_from_bytes(raw, policy=policy.default)
+    assert to == ["leads@example.com"] and mail["Content-Language"] == locale
+    assert mail["Message-ID"] == message_from_bytes(again, policy=policy.default)["Message-ID"]  # one message twice
+    assert mail["Subject"] == document.title
+    plain = mail.get_body(preferencelist=("plain",)).get_content()
+    body = mail.get_body(preferencelist=("html",)).get_content()
+    [outage] = figures.incidents
+    for part in (plain, body):
+        assert outage.incident_id in part and ("投诉日报" if locale == "zh-CN" else "Daily complaint report") in part
+    assert "<script" not in body and "<table>" in body  # no script runs in a mail client: tables instead
+    [attachment] = list(mail.iter_attachments())
+    assert attachment.get_filename() == page.name and b"plotly" in attachment.get_content().encode()
+
+
+def test_email_without_recipients_is_a_clear_error():
+    done = subprocess.run(supportlens_cmd("report", "daily", "--email"), capture_output=True, text=True, timeout=60,
+                          env={**{k: v for k, v in os.environ.items() if not k.startswith("SUPPORTLENS_")},
+                               "COLUMNS": "200"})
+    assert done.returncode == 2 and "no one to send the report to" in done.stderr and "Traceback" not in done.stderr

@@ -35,18 +35,24 @@ def _chart(chart: Chart) -> str:
                           config={"displayModeBar": False, "responsive": True}, default_height="320px")
 
 
-def render(document: Document) -> str:
+def render(document: Document, charts: bool = True) -> str:
+    """The page; ``charts=False`` for an e-mail body, where no script runs: a chart without a
+    table of its own is shown as one (the interactive page goes along as an attachment)."""
     parts = [f"<h1>{escape(document.title)}</h1>", f"<p>{escape(document.intro)}</p>"]
     for section in document.sections:
         parts.append(f"<section><h2>{escape(section.title)}</h2>")
         if section.text:
             parts.append(f"<p>{escape(section.text)}</p>")
-        if section.chart is not None:
+        if section.chart is not None and charts:
             parts.append(f'<div class="chart">{_chart(section.chart)}</div>')
         if section.table is not None:
             parts.append(_table(section.table))
+        elif section.chart is not None and not charts:
+            parts.append(_table(Table(["", section.chart.axis], [[label, f"{value:,.0f}"] for label, value
+                                                                 in zip(section.chart.labels, section.chart.values)])))
         parts.append("</section>")
     parts.append(f"<footer>{escape(document.footer)}</footer>")
+    script = f'<script type="text/javascript">{get_plotlyjs()}</script>' if charts else ""
     return (f'<!DOCTYPE html>\n<html lang="{escape(document.locale)}"><head><meta charset="utf-8">'
-            f"<title>{escape(document.title)}</title><style>{STYLE}</style>"
-            f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>{"".join(parts)}</body></html>\n')
+            f"<title>{escape(document.title)}</title><style>{STYLE}</style>{script}</head>"
+            f'<body>{"".join(parts)}</body></html>\n')
