@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -13,28 +14,61 @@ from rich.console import Console
 from supportlens.config import Settings
 from supportlens.errors import UserError
 
+if TYPE_CHECKING:
+    from supportlens.reports.document import Document
+    from supportlens.support.access import Support
+
 report_app = typer.Typer(help="Reports people read, from ClickHouse: HTML with charts, and Markdown.",
                          no_args_is_help=True)
 console = Console()
 
+Day = Annotated[str, typer.Option("--date", help="The UTC day: YYYY-MM-DD, today or yesterday.")]
+Locale = Annotated[str, typer.Option(help="en or zh-CN.")]
+Out = Annotated[Path, typer.Option(help="Directory the report files go to.")]
+Formats = Annotated[str, typer.Option("--format", help="html, md, or both: html,md.")]
+Email = Annotated[bool, typer.Option("--email", help="Also e-mail it to report_recipients (SMTP settings).")]
+
 
 @report_app.command("daily")
-def daily(
-    ctx: typer.Context,
-    day: Annotated[str, typer.Option("--date", help="The UTC day: YYYY-MM-DD, today or yesterday.")] = "yesterday",
-    locale: Annotated[str, typer.Option(help="en or zh-CN.")] = "en",
-    out: Annotated[Path, typer.Option(help="Directory the report files go to.")] = Path("out/reports"),
-    formats: Annotated[str, typer.Option("--format", help="html, md, or both: html,md.")] = "html,md",
-    email: Annotated[bool, typer.Option("--email", help="Also e-mail it to report_recipients (SMTP settings).")] = False,
-) -> None:
+def daily(ctx: typer.Context, day: Day = "yesterday", locale: Locale = "en", out: Out = Path("out/reports"),
+          formats: Formats = "html,md", email: Email = False) -> None:
     """The daily complaint report: reports by diagnosis and dimension, top problems against the week
     before, time to diagnosis, the day's incidents and the misuse advice sent."""
-    from supportlens.reports.document import LOCALES, daily_document
+    from supportlens.reports.document import daily_document
+
+    def build(support: Support, the_day: date, settings: Settings) -> tuple[Document, str]:
+        figures = support.daily_figures(the_day.isoformat())
+        return daily_document(figures, locale, settings.clickhouse_database), f"daily-{figures.day}"
+
+    _report(ctx.obj, day, locale, out, formats, email, build)
+
+
+@report_app.command("perception")
+def perception(ctx: typer.Context,
+               period: Annotated[str, typer.Option(help="week (the 7 days ending --date) or month (its month "
+                                                        "up to --date).")] = "week",
+               day: Day = "yesterday", locale: Locale = "en", out: Out = Path("out/reports"),
+               formats: Formats = "html,md", email: Email = False) -> None:
+    """The weekly or monthly perception report: trends of failures, users hurt and complaints, the
+    problems that moved most, incident timings, reports answered without a person, catalogue hits."""
+    from supportlens.reports.document import perception_document
+
+    def build(support: Support, the_day: date, settings: Settings) -> tuple[Document, str]:
+        figures = support.perception_figures(period, the_day.isoformat())
+        key = f"perception-{period}-{figures.last_day}"
+        return perception_document(figures, locale, settings.clickhouse_database), key
+
+    _report(ctx.obj, day, locale, out, formats, email, build)
+
+
+def _report(settings: Settings, day: str, locale: str, out: Path, formats: str, email: bool,
+            build: Callable[[Support, date, Settings], tuple[Document, str]]) -> None:
+    """Check what a person asked for before asking ClickHouse; write the files; mail them."""
+    from supportlens.reports.document import LOCALES
     from supportlens.reports.write import FORMATS, write_report
     from supportlens.store.daily import parse_day
     from supportlens.support.access import open_support
 
-    settings: Settings = ctx.obj
     chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
     unknown = [f for f in chosen if f not in FORMATS]
     if unknown or not chosen:
@@ -45,9 +79,7 @@ def daily(
         raise UserError("--email: no one to send the report to",
                         hint="set SUPPORTLENS_REPORT_RECIPIENTS, e.g. '[\"support-leads@example.com\"]'")
     the_day = parse_day(day, datetime.fromtimestamp(time.time(), timezone.utc))
-    figures = open_support(settings).daily_figures(the_day.isoformat())
-    document = daily_document(figures, locale, settings.clickhouse_database)
-    key = f"daily-{figures.day}"
+    document, key = build(open_support(settings), the_day, settings)
     paths = write_report(document, key, out, chosen)
     for path in paths:
         console.print(f"wrote {path}")

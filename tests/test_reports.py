@@ -214,6 +214,7 @@ def test_the_support_api_serves_the_same_figures_and_refuses_a_bad_day(filled):
     from prometheus_client import CollectorRegistry
 
     from supportlens.store.daily import DailyFigures
+    from supportlens.store.perception import PerceptionFigures, perception_figures
     from supportlens.support.access import DirectSupport
     from supportlens.support.api import build_support_app
 
@@ -223,6 +224,11 @@ def test_the_support_api_serves_the_same_figures_and_refuses_a_bad_day(filled):
             ok = await http.get("/v1/reports/daily", params={"day": filled.day.isoformat()})
             assert ok.status == 200
             assert msgspec.json.decode(await ok.read(), type=DailyFigures) == daily_figures(filled.client, filled.day)
+            week = await http.get("/v1/reports/perception", params={"period": "week", "day": filled.day.isoformat()})
+            assert week.status == 200 and msgspec.json.decode(await week.read(), type=PerceptionFigures) == \
+                perception_figures(filled.client, "week", filled.day)
+            bad_period = await http.get("/v1/reports/perception", params={"period": "year", "day": filled.day.isoformat()})
+            assert bad_period.status == 400 and "no 'year' period" in (await bad_period.json())["error"]
             for day, words in (("someday", "is not a day"), ((filled.day - timedelta(days=3)).isoformat(), "nothing")):
                 bad = await http.get("/v1/reports/daily", params={"day": day})
                 assert bad.status == 400 and words in (await bad.json())["error"]
@@ -265,3 +271,40 @@ def test_email_without_recipients_is_a_clear_error():
                           env={**{k: v for k, v in os.environ.items() if not k.startswith("SUPPORTLENS_")},
                                "COLUMNS": "200"})
     assert done.returncode == 2 and "no one to send the report to" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_weekly_perception_report_compares_the_week_with_the_one_before(filled, tmp_path):
+    from supportlens.reports.document import perception_document
+    from supportlens.reports.write import write_report
+    from supportlens.store.perception import perception_figures
+
+    week = perception_figures(filled.client, "week", filled.day)
+    daily = daily_figures(filled.client, filled.day)
+    assert (week.first_day, week.last_day) == ((filled.day - timedelta(days=6)).isoformat(), filled.day.isoformat())
+    assert [d.day for d in week.days][-1] == daily.day and len(week.days) == 7
+    assert week.days[-1].requests == daily.requests and all(d.requests == 0 for d in week.days[:-1])
+    assert week.totals.reports == daily.reports and week.before.requests > 0  # the baseline day, a week earlier
+    assert week.totals.diagnosed == daily.reports and week.totals.answered == daily.answered
+    top = week.grown[0]
+    assert (top.diagnosis_class, top.service) == ("server_error", "payment")
+    assert top.requests == filled.failed_by_problem[("server_error", "payment")] > 10 * top.before > 0
+    assert [i.incident_id for i in week.incidents] == [i.incident_id for i in daily.incidents]
+    assert week.catalogue and week.catalogue[0].diagnosis_class == "server_error"
+    month = perception_figures(filled.client, "month", filled.day)
+    assert month.first_day == filled.day.replace(day=1).isoformat() and month.last_day == filled.day.isoformat()
+    with pytest.raises(LookupInputError, match="no 'year' period"):
+        perception_figures(filled.client, "year", filled.day)
+    with pytest.raises(LookupInputError, match="nothing was recorded"):
+        perception_figures(filled.client, "week", filled.day - timedelta(days=20))
+    for locale in ("en", "zh-CN"):
+        document = perception_document(week, locale, filled.database)
+        [page, text] = write_report(document, f"perception-week-{week.last_day}", tmp_path)
+        assert top.service in text.read_text(encoding="utf-8") and "plotly" in page.read_text(encoding="utf-8")
+    if shutil.which("chromium"):
+        dom = subprocess.run(["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=8000",
+                              "--enable-logging=stderr", "--v=0", f"--user-data-dir={tmp_path / 'chromium'}",
+                              "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+        assert "CONSOLE" not in dom.stderr
+        # the three day series are drawn as lines (plotly merges collinear points), rising on the outage day
+        lines = re.findall(r'<path class="js-line" d="M[\d.]+,([\d.]+)(?:L[\d.]+,[\d.]+)*L[\d.]+,([\d.]+)"', dom.stdout)
+        assert len(lines) == 3 and all(float(first) > float(last) for first, last in lines), lines

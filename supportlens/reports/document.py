@@ -13,7 +13,8 @@ from functools import cache
 from pathlib import Path
 
 from supportlens.errors import UserError
-from supportlens.store.daily import BASELINE_DAYS, Count, DailyFigures
+from supportlens.store.daily import BASELINE_DAYS, Count, DailyFigures, IncidentLine
+from supportlens.store.perception import PerceptionFigures
 
 WORDS_PATH = Path(__file__).with_name("words.toml")
 LOCALES = ("en", "zh-CN")
@@ -33,6 +34,7 @@ class Chart:
     labels: list[str]
     values: list[float]
     axis: str
+    kind: str = "bar"  # bar | line (a series over days)
 
 
 @dataclass(frozen=True)
@@ -126,3 +128,58 @@ def daily_document(figures: DailyFigures, locale: str, database: str) -> Documen
                                     share=_share(figures.failed_requests, figures.requests), users=f"{figures.users:,}")
     return Document(locale, w["daily_title"].format(day=figures.day), intro, sections,
                     w["footer"].format(database=database))
+
+
+def _per_thousand(reports: int, users: int) -> float:
+    return 1000 * reports / users if users else 0.0
+
+
+def _duration(start_us: int, end_us: int | None) -> str:
+    return "—" if end_us is None else _seconds((end_us - start_us) / 1e6)
+
+
+def perception_document(figures: PerceptionFigures, locale: str, database: str) -> Document:
+    w = words(locale)
+    now, before = figures.totals, figures.before
+    days = [d.day for d in figures.days]
+    sections = [
+        Section(w["failure_share"], chart=Chart("failure-share", days, [
+            round(100 * d.failed_requests / d.requests, 2) if d.requests else 0.0 for d in figures.days], "%", "line")),
+        Section(w["affected_users"], chart=Chart("affected-users", days,
+                                                 [float(d.affected_users) for d in figures.days], w["users"], "line")),
+        Section(w["complaints"], chart=Chart("complaints", days, [
+            round(_per_thousand(d.reports, d.users), 2) for d in figures.days], w["per_thousand"], "line")),
+        Section(w["against_before"], table=Table([w["figure"], w["this_period"], w["period_before"]], [
+            [w["failure_share"], _share(now.failed_requests, now.requests), _share(before.failed_requests, before.requests)],
+            [w["affected_users"], f"{now.affected_users:,}", f"{before.affected_users:,}"],
+            [w["complaints"], f"{_per_thousand(now.reports, now.users):.2f}", f"{_per_thousand(before.reports, before.users):.2f}"],
+            [w["answered"], _share(now.answered, now.diagnosed), _share(before.answered, before.diagnosed)],
+        ])),
+        Section(w["answered"], w["answered_text"].format(answered=f"{now.answered:,}", reports=f"{now.diagnosed:,}",
+                                                         share=_share(now.answered, now.diagnosed))),
+    ]
+    for title, moved in ((w["grown_most"], figures.grown), (w["shrunk_most"], figures.shrunk)):
+        if moved:
+            sections.append(Section(title, table=Table([w["class"], w["service"], w["this_period"], w["period_before"]],
+                                                       [[m.diagnosis_class, m.service or "—", f"{m.requests:,}",
+                                                         f"{m.before:,}"] for m in moved])))
+    sections.append(_incident_timing(figures.incidents, w))
+    if figures.catalogue:
+        sections.append(Section(w["catalogue"], w["catalogue_note"], table=Table(
+            [w["class"], w["code"], w["entry"], w["count"]],
+            [[c.diagnosis_class, c.code, c.title, f"{c.reports:,}"] for c in figures.catalogue])))
+    intro = w["perception_intro"].format(first=figures.first_day, last=figures.last_day,
+                                         requests=f"{now.requests:,}", reports=f"{now.reports:,}",
+                                         users=f"{now.users:,}")
+    title = w[f"perception_title_{figures.period}"].format(first=figures.first_day, last=figures.last_day)
+    return Document(locale, title, intro, sections, w["footer"].format(database=database))
+
+
+def _incident_timing(incidents: list[IncidentLine], w: dict) -> Section:
+    if not incidents:
+        return Section(w["incidents_period"], w["incidents_none_period"])
+    return Section(w["incidents_period"], table=Table(
+        [w["incident"], w["severity"], w["root"], w["to_declare"], w["to_resolve"], w["affected"]],
+        [[f"{i.incident_id} {i.title}", i.severity, i.root_key, _duration(i.started_at_us, i.declared_at_us),
+          _duration(i.started_at_us, i.resolved_at_us) if i.resolved_at_us else w["open"], f"{i.affected_users:,}"]
+         for i in incidents]))

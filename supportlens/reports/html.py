@@ -28,7 +28,9 @@ def _table(table: Table) -> str:
 
 
 def _chart(chart: Chart) -> str:
-    figure = go.Figure(go.Bar(x=chart.labels, y=chart.values, marker_color="#3e7cb1"))
+    trace = (go.Scatter(x=chart.labels, y=chart.values, mode="lines+markers", line_color="#3e7cb1")
+             if chart.kind == "line" else go.Bar(x=chart.labels, y=chart.values, marker_color="#3e7cb1"))
+    figure = go.Figure(trace)
     figure.update_layout(margin=dict(l=50, r=20, t=20, b=80), yaxis_title=chart.axis, height=320,
                          template="plotly_white")
     return figure.to_html(full_html=False, include_plotlyjs=False, div_id=f"chart-{chart.chart_id}",
@@ -48,7 +50,7 @@ def render(document: Document, charts: bool = True) -> str:
         if section.table is not None:
             parts.append(_table(section.table))
         elif section.chart is not None and not charts:
-            parts.append(_table(Table(["", section.chart.axis], [[label, f"{value:,.0f}"] for label, value
+            parts.append(_table(Table(["", section.chart.axis], [[label, f"{value:,.2f}".rstrip("0").rstrip(".")] for label, value
                                                                  in zip(section.chart.labels, section.chart.values)])))
         parts.append("</section>")
     parts.append(f"<footer>{escape(document.footer)}</footer>")

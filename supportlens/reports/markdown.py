@@ -16,6 +16,10 @@ def _table(table: Table) -> list[str]:
     return lines
 
 
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if value == int(value) else f"{value:,.2f}"
+
+
 def render(document: Document) -> str:
     lines = [f"# {document.title}", "", document.intro]
     for section in document.sections:
@@ -25,6 +29,6 @@ def render(document: Document) -> str:
         if section.table is not None:
             lines += [""] + _table(section.table)
         elif section.chart is not None:  # a chart without its table: its bars as a list
-            lines += [""] + [f"- {label}: {value:,.0f}" for label, value in zip(section.chart.labels, section.chart.values)]
+            lines += [""] + [f"- {label}: {_number(value)}" for label, value in zip(section.chart.labels, section.chart.values)]
     lines += ["", f"_{document.footer}_", ""]
     return "\n".join(lines)

@@ -134,7 +134,7 @@ def daily_figures(client: Client, day: date, limit: int = 10) -> DailyFigures:
         diagnosis_p50_s=float(p50) if diagnosed_count else None,
         diagnosis_p95_s=float(p95) if diagnosed_count else None,
         undiagnosed=undiagnosed, answered=answered,
-        incidents=_incidents(client, since, until), advice=_advice(client, since, until),
+        incidents=incident_lines(client, since, until), advice=_advice(client, since, until),
     )
 
 
@@ -165,7 +165,9 @@ def trend(today: int, baseline_daily: float) -> str:
     return "steady"
 
 
-def _incidents(client: Client, since: int, until: int) -> list[IncidentLine]:
+def incident_lines(client: Client, since: int, until: int) -> list[IncidentLine]:
+    """Incidents that started in the window (not drills), with when they were declared and resolved
+    and how many accounts were told."""
     rows = client.query(
         "SELECT c.incident_id, c.title, c.root_key, c.severity, c.state, toUnixTimestamp64Micro(c.started_at), "
         "d.declared_at, if(c.resolved_at IS NULL, NULL, toUnixTimestamp64Micro(assumeNotNull(c.resolved_at))), "

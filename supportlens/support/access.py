@@ -16,8 +16,9 @@ from clickhouse_connect.driver.client import Client
 from supportlens import store
 from supportlens.config import Settings
 from supportlens.errors import UserError
-from supportlens.store import daily, lookup, recorded
+from supportlens.store import daily, lookup, perception, recorded
 from supportlens.store.daily import DailyFigures
+from supportlens.store.perception import PerceptionFigures
 from supportlens.store.lookup import ReportDetail, RequestChain, Timeline, TopProblems
 from supportlens.store.recorded import RecordedIncident, ReportPage, SpanPage
 
@@ -34,6 +35,7 @@ class Support(Protocol):
     def recorded_spans(self, since_us: int, until_us: int, after: str, limit: int) -> SpanPage: ...
     def recorded_reports(self, since_us: int, until_us: int, after: str, limit: int) -> ReportPage: ...
     def daily_figures(self, day: str) -> DailyFigures: ...
+    def perception_figures(self, period: str, day: str) -> PerceptionFigures: ...
 
 
 class DirectSupport:
@@ -68,6 +70,9 @@ class DirectSupport:
 
     def daily_figures(self, day: str) -> DailyFigures:
         return daily.daily_figures(self.client, _day(day))
+
+    def perception_figures(self, period: str, day: str) -> PerceptionFigures:
+        return perception.perception_figures(self.client, period, _day(day))
 
 
 class RemoteSupport:
@@ -127,6 +132,9 @@ class RemoteSupport:
 
     def daily_figures(self, day: str) -> DailyFigures:
         return self._get("/v1/reports/daily", {"day": day}, DailyFigures)
+
+    def perception_figures(self, period: str, day: str) -> PerceptionFigures:
+        return self._get("/v1/reports/perception", {"period": period, "day": day}, PerceptionFigures)
 
 
 def _day(text: str) -> date:

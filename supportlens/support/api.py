@@ -137,6 +137,12 @@ async def daily_report(request: web.Request) -> web.Response:
     return await _run(request, lambda support: support.daily_figures(request.query.get("day", "")))
 
 
+async def perception_report(request: web.Request) -> web.Response:
+    query = request.query
+    return await _run(request, lambda support: support.perception_figures(query.get("period", "week"),
+                                                                            query.get("day", "")))
+
+
 async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
 
@@ -154,6 +160,7 @@ def build_support_app(support: Support, registry: CollectorRegistry) -> web.Appl
     app.router.add_get("/v1/recorded/spans", _recorded_page("spans", 5000))
     app.router.add_get("/v1/recorded/reports", _recorded_page("reports", 200))
     app.router.add_get("/v1/reports/daily", daily_report)
+    app.router.add_get("/v1/reports/perception", perception_report)
     app.router.add_get("/healthz", healthz)
     app.router.add_routes([metrics_route(registry)])
     return app
