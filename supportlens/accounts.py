@@ -29,7 +29,8 @@ from supportlens.errors import UserError
 from supportlens.topic_reader import read_range
 from supportlens.topics import require_topics
 
-COLUMNS: tuple[str, ...] = ("account_id", "name", "tier", "locale", "channel", "webhook_url", "contact_emails")
+COLUMNS: tuple[str, ...] = ("account_id", "name", "tier", "locale", "channel", "webhook_url", "contact_emails",
+                            "service_manager")
 _NAMED_ADDRESS = re.compile(r"^(?P<name>[^<>]*?)\s*<(?P<email>[^<>]*)>$")
 _LOCALES = {"en": "en", "zh-cn": "zh-CN"}
 

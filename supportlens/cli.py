@@ -493,7 +493,7 @@ def resolve(
 @accounts_app.command("import")
 def accounts_import(
     ctx: typer.Context,
-    path: Annotated[Path, typer.Argument(help="CSV: account_id,name,tier,locale,channel,webhook_url,contact_emails")],
+    path: Annotated[Path, typer.Argument(help="CSV: account_id,name,tier,locale,channel,webhook_url,contact_emails,service_manager")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only check the file; send nothing.")] = False,
 ) -> None:
     """Load accounts from a CSV file; each bad row is named with its line, the good ones are imported.

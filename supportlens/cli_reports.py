@@ -61,8 +61,33 @@ def perception(ctx: typer.Context,
     _report(ctx.obj, day, locale, out, formats, email, build)
 
 
+@report_app.command("account")
+def account(ctx: typer.Context,
+            account_id: Annotated[str, typer.Option("--account", help="The account, e.g. acct-00001.")],
+            period: Annotated[str, typer.Option(help="week or month, ending --date.")] = "month",
+            day: Day = "yesterday", locale: Locale = "en", out: Out = Path("out/reports"),
+            formats: Formats = "html,md", email: Email = False) -> None:
+    """One customer's report for their service manager: requests and failure share against everyone's,
+    incidents that touched them and when they were told, misuse and advice, reports needing a person."""
+    from supportlens.reports.document import account_document
+
+    def build(support: Support, the_day: date, settings: Settings) -> tuple[Document, str]:
+        figures = support.account_figures(account_id, period, the_day.isoformat())
+        key = f"account-{account_id}-{period}-{figures.last_day}"
+        return account_document(figures, locale, settings.clickhouse_database), key
+
+    manager = []
+    if email:
+        from supportlens.accounts import read_accounts
+
+        found = next((a for a in read_accounts(ctx.obj) if a.account_id == account_id), None)
+        manager = [found.service_manager] if found is not None and found.service_manager else []
+    _report(ctx.obj, day, locale, out, formats, email, build, manager)
+
+
 def _report(settings: Settings, day: str, locale: str, out: Path, formats: str, email: bool,
-            build: Callable[[Support, date, Settings], tuple[Document, str]]) -> None:
+            build: Callable[[Support, date, Settings], tuple[Document, str]], recipients: list[str] | None = None,
+            ) -> None:
     """Check what a person asked for before asking ClickHouse; write the files; mail them."""
     from supportlens.reports.document import LOCALES
     from supportlens.reports.write import FORMATS, write_report
@@ -75,9 +100,10 @@ def _report(settings: Settings, day: str, locale: str, out: Path, formats: str, 
         raise UserError(f"unknown format {', '.join(unknown) or formats!r}", hint=f"use {', '.join(FORMATS)}")
     if locale not in LOCALES:
         raise UserError(f"no report in locale {locale!r}", hint=f"use one of {', '.join(LOCALES)}")
-    if email and not settings.report_recipients:
+    if email and not recipients and not settings.report_recipients:
         raise UserError("--email: no one to send the report to",
-                        hint="set SUPPORTLENS_REPORT_RECIPIENTS, e.g. '[\"support-leads@example.com\"]'")
+                        hint="set SUPPORTLENS_REPORT_RECIPIENTS, e.g. '[\"support-leads@example.com\"]' "
+                             "(an account report also goes to the account's service_manager)")
     the_day = parse_day(day, datetime.fromtimestamp(time.time(), timezone.utc))
     document, key = build(open_support(settings), the_day, settings)
     paths = write_report(document, key, out, chosen)
@@ -87,4 +113,4 @@ def _report(settings: Settings, day: str, locale: str, out: Path, formats: str, 
         from supportlens.reports.mail import send_report
 
         page = next((p for p in paths if p.suffix == ".html"), None)
-        console.print(f"e-mailed to {', '.join(send_report(settings, document, key, page))}")
+        console.print(f"e-mailed to {', '.join(send_report(settings, document, key, page, recipients))}")

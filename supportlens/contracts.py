@@ -171,6 +171,8 @@ class Account(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, for
     channel: Channel = "none"
     webhook_url: Annotated[str, Meta(max_length=2048, pattern=r"^(https?://\S+)?\Z")] = ""
     contacts: Annotated[list[Contact], Meta(max_length=20)] = []
+    # who reviews the account with the customer; `supportlens report account --email` goes to them
+    service_manager: Annotated[str, Meta(max_length=320, pattern=r"^([^@\s]+@[^@\s]+)?\Z")] = ""
     attributes: Attributes = {}
     schema_version: int = SCHEMA_VERSION
 

@@ -16,7 +16,7 @@ from supportlens.topic_reader import read_range
 from supportlens.topics import provision
 
 ROOT = Path(__file__).resolve().parent.parent
-HEADER = ",".join(COLUMNS)
+HEADER = ",".join(c for c in COLUMNS if c != "service_manager")  # an optional column: files without it stay valid
 
 
 def _parse(*rows: str, header: str = HEADER):
@@ -38,6 +38,14 @@ def test_the_example_file_is_valid_and_complete():
         contacts=[Contact(name="运维值班", email="oncall@xinghe.example"), Contact(email="it@xinghe.example")])
     assert by_id["acct-00004"].name == "Lumen Labs, Inc."  # a quoted comma stays in the value
     assert by_id["acct-00003"] == Account(account_id="acct-00003", name="Blue Fin Travel")
+
+
+def test_an_accounts_service_manager_is_an_optional_address():
+    header = ",".join(COLUMNS)
+    parsed = _parse("a-1,Acme,vip,en,none,,,sm@vendor.example", "a-2,Bee,vip,en,none,,,", header=header)
+    assert [a.service_manager for _, a in parsed.accounts] == ["sm@vendor.example", ""]
+    [problem] = _parse("a-3,Cee,vip,en,none,,,not an address", header=header).problems
+    assert problem.column == "service_manager" and problem.line == 2
 
 
 def test_a_good_row_becomes_the_contract_record_with_defaults_and_kind_normalization():

@@ -213,6 +213,7 @@ def test_the_support_api_serves_the_same_figures_and_refuses_a_bad_day(filled):
     from aiohttp.test_utils import TestClient, TestServer
     from prometheus_client import CollectorRegistry
 
+    from supportlens.store.account_report import AccountFigures, account_figures
     from supportlens.store.daily import DailyFigures
     from supportlens.store.perception import PerceptionFigures, perception_figures
     from supportlens.support.access import DirectSupport
@@ -227,6 +228,13 @@ def test_the_support_api_serves_the_same_figures_and_refuses_a_bad_day(filled):
             week = await http.get("/v1/reports/perception", params={"period": "week", "day": filled.day.isoformat()})
             assert week.status == 200 and msgspec.json.decode(await week.read(), type=PerceptionFigures) == \
                 perception_figures(filled.client, "week", filled.day)
+            [account] = filled.advice
+            mine = await http.get("/v1/reports/account", params={"account": account, "period": "week",
+                                                                 "day": filled.day.isoformat()})
+            assert mine.status == 200 and msgspec.json.decode(await mine.read(), type=AccountFigures) == \
+                account_figures(filled.client, account, "week", filled.day)
+            unknown = await http.get("/v1/reports/account", params={"account": "acct-99999", "day": filled.day.isoformat()})
+            assert unknown.status == 400 and "no account" in (await unknown.json())["error"]
             bad_period = await http.get("/v1/reports/perception", params={"period": "year", "day": filled.day.isoformat()})
             assert bad_period.status == 400 and "no 'year' period" in (await bad_period.json())["error"]
             for day, words in (("someday", "is not a day"), ((filled.day - timedelta(days=3)).isoformat(), "nothing")):
@@ -251,7 +259,10 @@ def test_the_report_arrives_by_email_with_a_plain_text_and_an_html_part_in_its_l
         settings = load_settings(smtp_host="127.0.0.1", smtp_port=port, report_recipients=["leads@example.com"])
         assert send_report(settings, document, f"daily-{figures.day}", page) == ["leads@example.com"]
         send_report(settings, document, f"daily-{figures.day}", page)  # a rerun for the same day
-    (_, to, raw), (_, _, again) = mailbox.mails
+        # an account report goes to the account's service manager instead
+        assert send_report(settings, document, "x", None, ["sm@vendor.example"]) == ["sm@vendor.example"]
+    (_, to, raw), (_, _, again), (_, manager, _) = mailbox.mails
+    assert manager == ["sm@vendor.example"]
     mail = message_from_bytes(raw, policy=policy.default)
     assert to == ["leads@example.com"] and mail["Content-Language"] == locale
     assert mail["Message-ID"] == message_from_bytes(again, policy=policy.default)["Message-ID"]  # one message twice
@@ -308,3 +319,26 @@ def test_the_weekly_perception_report_compares_the_week_with_the_one_before(fill
         # the three day series are drawn as lines (plotly merges collinear points), rising on the outage day
         lines = re.findall(r'<path class="js-line" d="M[\d.]+,([\d.]+)(?:L[\d.]+,[\d.]+)*L[\d.]+,([\d.]+)"', dom.stdout)
         assert len(lines) == 3 and all(float(first) > float(last) for first, last in lines), lines
+
+
+def test_the_account_report_tells_one_customers_story_and_refuses_an_unknown_account(filled, tmp_path):
+    from supportlens.reports.document import account_document
+    from supportlens.reports.write import write_report
+    from supportlens.store.account_report import account_figures
+
+    [account] = filled.advice  # the misuse wave's VIP customer, also hurt by the payment outage
+    figures = account_figures(filled.client, account, "week", filled.day)
+    assert 0 < figures.failed_requests < figures.requests and figures.everyone_requests > figures.requests
+    told = {incident for incident, accounts in filled.told.items() if account in accounts}
+    assert told and {n.incident_id for n in figures.notices} == told
+    assert all(n.told_at_us and n.followed_up_at_us and n.told_at_us < n.followed_up_at_us for n in figures.notices)
+    assert figures.misuse[0].value == "ORDER_BEFORE_LOGIN" and len(figures.advice) == 1
+    assert all(r.diagnosis_class in ("", "unknown") for r in figures.open_reports)
+    other = next(a for accounts in filled.told.values() for a in sorted(accounts) if a != account)
+    assert account_figures(filled.client, other, "week", filled.day).advice == []
+    with pytest.raises(LookupInputError, match="no account 'acct-99999'"):
+        account_figures(filled.client, "acct-99999", "week", filled.day)
+    for locale in ("en", "zh-CN"):
+        [page, text] = write_report(account_document(figures, locale, filled.database),
+                                    f"account-{account}-week-{figures.last_day}", tmp_path)
+        assert "ORDER_BEFORE_LOGIN" in text.read_text(encoding="utf-8") and account in page.read_text(encoding="utf-8")

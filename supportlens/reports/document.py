@@ -14,6 +14,7 @@ from pathlib import Path
 
 from supportlens.errors import UserError
 from supportlens.store.daily import BASELINE_DAYS, Count, DailyFigures, IncidentLine
+from supportlens.store.account_report import AccountFigures
 from supportlens.store.perception import PerceptionFigures
 
 WORDS_PATH = Path(__file__).with_name("words.toml")
@@ -183,3 +184,33 @@ def _incident_timing(incidents: list[IncidentLine], w: dict) -> Section:
         [[f"{i.incident_id} {i.title}", i.severity, i.root_key, _duration(i.started_at_us, i.declared_at_us),
           _duration(i.started_at_us, i.resolved_at_us) if i.resolved_at_us else w["open"], f"{i.affected_users:,}"]
          for i in incidents]))
+
+
+def account_document(figures: AccountFigures, locale: str, database: str) -> Document:
+    w = words(locale)
+    sections = []
+    if figures.notices:
+        sections.append(Section(w["account_incidents"], table=Table(
+            [w["incident"], w["root"], w["told_at"], w["followed_up"]],
+            [[f"{n.incident_id} {n.title}", n.root_key, _when(n.told_at_us), _when(n.followed_up_at_us)]
+             for n in figures.notices])))
+    else:
+        sections.append(Section(w["account_incidents"], w["account_incidents_none"]))
+    if figures.misuse:
+        sections.append(Section(w["misuse_patterns"], chart=_counts_chart("misuse", figures.misuse, w["requests"])))
+    else:
+        sections.append(Section(w["misuse_patterns"], w["misuse_none"]))
+    if figures.advice:
+        sections.append(Section(w["advice_got"], table=Table([w["subject"]], [[a] for a in figures.advice])))
+    if figures.open_reports:
+        sections.append(Section(w["open_reports"], table=Table(
+            [w["report_id"], w["received"], w["class"]],
+            [[r.report_id, _when(r.received_at_us), r.diagnosis_class or w["undiagnosed"]] for r in figures.open_reports])))
+    else:
+        sections.append(Section(w["open_reports"], w["open_none"]))
+    intro = w["account_intro"].format(requests=f"{figures.requests:,}", failed=f"{figures.failed_requests:,}",
+                                      share=_share(figures.failed_requests, figures.requests),
+                                      everyone=_share(figures.everyone_failed, figures.everyone_requests),
+                                      reports=f"{figures.reports:,}")
+    title = w["account_title"].format(account=figures.account_id, first=figures.first_day, last=figures.last_day)
+    return Document(locale, title, intro, sections, w["footer"].format(database=database))

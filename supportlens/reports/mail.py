@@ -37,9 +37,11 @@ def report_email(document: Document, key: str, sender: str, recipients: list[str
     return msg
 
 
-def send_report(settings: Settings, document: Document, key: str, page: Path | None) -> list[str]:
-    """Send to ``report_recipients``; :class:`UserError` when there are none or the server refuses."""
-    recipients = list(settings.report_recipients)
+def send_report(settings: Settings, document: Document, key: str, page: Path | None,
+                recipients: list[str] | None = None) -> list[str]:
+    """Send to ``recipients`` (default: ``report_recipients``); :class:`UserError` when there are
+    none or the server refuses."""
+    recipients = list(recipients if recipients else settings.report_recipients)
     if not recipients:
         raise UserError("no one to send the report to",
                         hint="set SUPPORTLENS_REPORT_RECIPIENTS, e.g. '[\"support-leads@example.com\"]'")

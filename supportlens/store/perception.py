@@ -79,14 +79,15 @@ def period_days(period: str, day: date) -> tuple[date, date]:
     return first, day
 
 
-def _us(day: date) -> int:
+def day_start_us(day: date) -> int:
+    """The microsecond at which a UTC day begins."""
     return int(datetime.combine(day, time(), timezone.utc).timestamp() * 1_000_000)
 
 
 def perception_figures(client: Client, period: str, day: date, limit: int = 5) -> PerceptionFigures:
     """The figures of the period ending ``day``; :class:`LookupInputError` for an unknown period or an empty one."""
     first, last = period_days(period, day)
-    since, until = _us(first), _us(last) + DAY_US
+    since, until = day_start_us(first), day_start_us(last) + DAY_US
     length = until - since
     window = {"since": since, "until": until, "start": since - length}
     totals, before = _totals(client, since, until), _totals(client, since - length, since)

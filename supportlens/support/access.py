@@ -16,7 +16,8 @@ from clickhouse_connect.driver.client import Client
 from supportlens import store
 from supportlens.config import Settings
 from supportlens.errors import UserError
-from supportlens.store import daily, lookup, perception, recorded
+from supportlens.store import account_report, daily, lookup, perception, recorded
+from supportlens.store.account_report import AccountFigures
 from supportlens.store.daily import DailyFigures
 from supportlens.store.perception import PerceptionFigures
 from supportlens.store.lookup import ReportDetail, RequestChain, Timeline, TopProblems
@@ -36,6 +37,7 @@ class Support(Protocol):
     def recorded_reports(self, since_us: int, until_us: int, after: str, limit: int) -> ReportPage: ...
     def daily_figures(self, day: str) -> DailyFigures: ...
     def perception_figures(self, period: str, day: str) -> PerceptionFigures: ...
+    def account_figures(self, account_id: str, period: str, day: str) -> AccountFigures: ...
 
 
 class DirectSupport:
@@ -73,6 +75,9 @@ class DirectSupport:
 
     def perception_figures(self, period: str, day: str) -> PerceptionFigures:
         return perception.perception_figures(self.client, period, _day(day))
+
+    def account_figures(self, account_id: str, period: str, day: str) -> AccountFigures:
+        return account_report.account_figures(self.client, account_id, period, _day(day))
 
 
 class RemoteSupport:
@@ -135,6 +140,9 @@ class RemoteSupport:
 
     def perception_figures(self, period: str, day: str) -> PerceptionFigures:
         return self._get("/v1/reports/perception", {"period": period, "day": day}, PerceptionFigures)
+
+    def account_figures(self, account_id: str, period: str, day: str) -> AccountFigures:
+        return self._get("/v1/reports/account", {"account": account_id, "period": period, "day": day}, AccountFigures)
 
 
 def _day(text: str) -> date:

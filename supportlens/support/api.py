@@ -143,6 +143,12 @@ async def perception_report(request: web.Request) -> web.Response:
                                                                             query.get("day", "")))
 
 
+async def account_report(request: web.Request) -> web.Response:
+    query = request.query
+    return await _run(request, lambda support: support.account_figures(
+        query.get("account", ""), query.get("period", "week"), query.get("day", "")))
+
+
 async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
 
@@ -161,6 +167,7 @@ def build_support_app(support: Support, registry: CollectorRegistry) -> web.Appl
     app.router.add_get("/v1/recorded/reports", _recorded_page("reports", 200))
     app.router.add_get("/v1/reports/daily", daily_report)
     app.router.add_get("/v1/reports/perception", perception_report)
+    app.router.add_get("/v1/reports/account", account_report)
     app.router.add_get("/healthz", healthz)
     app.router.add_routes([metrics_route(registry)])
     return app
