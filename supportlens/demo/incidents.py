@@ -38,7 +38,8 @@ MANUAL = {"title": "Search returns stale results for some users", "dimensions": 
 WAIT_S = 150.0
 
 
-def _events(settings: Settings) -> dict[str, list[Any]]:
+def read_events(settings: Settings) -> dict[str, list[Any]]:
+    """Everything the day wrote to ``surges``, ``incidents``, ``notifications`` and ``deliveries``."""
     return {name: [decode(m.value(), kind) for m in read_range(settings, [settings.topic(name)])]
             for name, kind in EVENTS.items()}
 
@@ -60,7 +61,7 @@ def incidents_of_the_day(settings: Settings, console: Console, runs: list[RunLab
     windows = [w for run in runs for w in run.expected_incidents]
 
     def settled() -> tuple[list[OutageStory], dict[str, list[Any]]] | None:
-        events = _events(settings)
+        events = read_events(settings)
         stories = [outage_story(w, events["incidents"], events["surges"], events["notifications"]) for w in windows]
         delivered = Deliveries.of(events["deliveries"])
         if all(s.resolved for s in stories) and not delivered.pending(events["notifications"]):
@@ -70,7 +71,7 @@ def incidents_of_the_day(settings: Settings, console: Console, runs: list[RunLab
     answer = _wait(console, "waiting for the incidents to be declared, announced over and delivered…", settled,
                    processes)
     if answer is None:
-        events = _events(settings)
+        events = read_events(settings)
         stories = [outage_story(w, events["incidents"], events["surges"], events["notifications"]) for w in windows]
     else:
         stories, events = answer
@@ -188,7 +189,7 @@ def drill_the_outage(settings: Settings, console: Console, support: RemoteSuppor
                   f"{summary.counts.get('fault-reports', 0):,} reports as drill {summary.drill_id}")
 
     def drilled() -> tuple[IncidentEvent, list[Notification]] | None:
-        events = _events(settings)
+        events = read_events(settings)
         declared = next((e for e in events["incidents"] if e.drill and e.transition == "declared"), None)
         if declared is None:
             return None
@@ -209,12 +210,12 @@ def drill_the_outage(settings: Settings, console: Console, support: RemoteSuppor
     return [f"the drill sent {len(leaked)} notices to customers"] if leaked else []
 
 
-def write_outputs(settings: Settings, out_dir: Path, stories: list[OutageStory], customers: WebhookReceiver,
-                  drill_channel: WebhookReceiver, seed: int, users: int) -> None:
+def write_outputs(events: dict[str, list[Any]], out_dir: Path, stories: list[OutageStory],
+                  customers: WebhookReceiver, drill_channel: WebhookReceiver, seed: int, users: int) -> None:
     """What the topics and the receivers hold, for a reader (or a test) to check against the labels."""
     events_dir = out_dir / "events"
     events_dir.mkdir(exist_ok=True)
-    for name, records in _events(settings).items():
+    for name, records in events.items():
         (events_dir / f"{name}.jsonl").write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in records))
     with (out_dir / "webhooks.jsonl").open("w", encoding="utf-8") as handle:
         for receiver, endpoint in ((customers, "customer"), (drill_channel, "drill")):
@@ -226,9 +227,10 @@ def write_outputs(settings: Settings, out_dir: Path, stories: list[OutageStory],
                                                     "users": users}, indent=2, ensure_ascii=False))
 
 
-def print_counts(settings: Settings, console: Console, customers: WebhookReceiver, drill_channel: WebhookReceiver) -> None:
+def print_counts(events: dict[str, list[Any]], console: Console, customers: WebhookReceiver,
+                 drill_channel: WebhookReceiver) -> None:
     console.print("\n[bold]the day in counts[/] (topics surges, incidents, notifications, deliveries)")
-    console.print(fit(day_counts_table(_events(settings), customers.received, drill_channel.received)))
+    console.print(fit(day_counts_table(events, customers.received, drill_channel.received)))
 
 
 def day_counts_table(events: dict[str, list[Any]], at_customers: Sequence[Received],

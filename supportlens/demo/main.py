@@ -44,7 +44,7 @@ from supportlens.config import Settings
 from supportlens.contracts import CLASSES, CorrelatedRequest, DiagnosedReport, decode
 from supportlens.demo.day import Segment, plan_day
 from supportlens.demo.incidents import (
-    drill_the_outage, incidents_of_the_day, person_declares, print_counts, write_outputs,
+    drill_the_outage, incidents_of_the_day, person_declares, print_counts, read_events, write_outputs,
 )
 from supportlens.demo.receiver import WebhookReceiver
 from supportlens.demo.story import mark
@@ -144,8 +144,9 @@ def _run(settings: Settings, console: Console, rate: float, window_s: int, out_d
             correlated = sum(len(r.correlated) for _, r in results)
             problems += _wait_for_store(console, support, correlated, serve)
             problems += drill_the_outage(settings, console, support, stories, customers, drill_channel, processes)
-            write_outputs(settings, out_dir, stories, customers, drill_channel, SEED, USERS)
-            print_counts(settings, console, customers, drill_channel)
+            events = read_events(settings)  # once, for the files and the counts alike
+            write_outputs(events, out_dir, stories, customers, drill_channel, SEED, USERS)
+            print_counts(events, console, customers, drill_channel)
             _show_store(console, settings, support, labels, runs)
         finally:
             for process in (notify, serve):

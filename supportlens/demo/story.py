@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from supportlens.contracts import DeliveryAttempt, IncidentEvent, Notification, SurgeEvent
+from supportlens.incident_desk import current_incidents
 from supportlens.simulator.labels import IncidentWindow
 
 DECLARE_WITHIN_S = 30  # of the fault's start, in event time
@@ -52,19 +53,11 @@ class OutageStory:
         }
 
 
-def latest_events(events: Sequence[IncidentEvent]) -> dict[str, IncidentEvent]:
-    latest: dict[str, IncidentEvent] = {}
-    for event in events:
-        if event.incident_id not in latest or event.sequence >= latest[event.incident_id].sequence:
-            latest[event.incident_id] = event
-    return latest
-
-
 def outage_story(window: IncidentWindow, incidents: Sequence[IncidentEvent], surges: Sequence[SurgeEvent],
                  notices: Sequence[Notification]) -> OutageStory:
     """The policy incident declared for one outage: the first one, not a drill, whose dimensions
     hold the outage's and which began between a minute before the fault and its end."""
-    latest = latest_events(incidents)
+    latest = {event.incident_id: event for event in current_incidents(incidents)}
     candidates = [e for e in incidents if e.transition == "declared" and not e.drill and e.declared_by == POLICY
                   and window.start_us - 60 * US <= e.started_at_us <= window.end_us
                   and window.dimension.items() <= latest[e.incident_id].dimensions.items()]
@@ -123,9 +116,6 @@ class Deliveries:
 
     def pending(self, notices: Sequence[Notification]) -> list[Notification]:
         return [n for n in notices if n.notification_id not in self.final]
-
-    def counts(self) -> Counter[str]:
-        return Counter(self.final.values())
 
 
 def mark(ok: bool) -> str:
