@@ -176,10 +176,11 @@ def test_the_report_pages_say_the_same_in_html_and_markdown(filled, locale, tmp_
                                                             f"daily-{figures.day}.{locale}.md"]
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is installed by deploy/local/services.sh")
 @pytest.mark.parametrize("locale", ["en", "zh-CN"])
 def test_headless_chromium_opens_the_report_without_console_errors_and_draws_every_chart(filled, locale):
     from PIL import Image
+
+    assert shutil.which("chromium"), "deploy/local/services.sh (make test) installs chromium"
 
     figures = daily_figures(filled.client, filled.day)
     out = ROOT / "out" / "reports-test"
@@ -311,14 +312,14 @@ def test_the_weekly_perception_report_compares_the_week_with_the_one_before(fill
         document = perception_document(week, locale, filled.database)
         [page, text] = write_report(document, f"perception-week-{week.last_day}", tmp_path)
         assert top.service in text.read_text(encoding="utf-8") and "plotly" in page.read_text(encoding="utf-8")
-    if shutil.which("chromium"):
-        dom = subprocess.run(["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=8000",
-                              "--enable-logging=stderr", "--v=0", f"--user-data-dir={tmp_path / 'chromium'}",
-                              "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
-        assert "CONSOLE" not in dom.stderr
-        # the three day series are drawn as lines (plotly merges collinear points), rising on the outage day
-        lines = re.findall(r'<path class="js-line" d="M[\d.]+,([\d.]+)(?:L[\d.]+,[\d.]+)*L[\d.]+,([\d.]+)"', dom.stdout)
-        assert len(lines) == 3 and all(float(first) > float(last) for first, last in lines), lines
+    assert shutil.which("chromium"), "deploy/local/services.sh (make test) installs chromium"
+    dom = subprocess.run(["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=8000",
+                          "--enable-logging=stderr", "--v=0", f"--user-data-dir={tmp_path / 'chromium'}",
+                          "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert "CONSOLE" not in dom.stderr
+    # the three day series are drawn as lines (plotly merges collinear points), rising on the outage day
+    lines = re.findall(r'<path class="js-line" d="M[\d.]+,([\d.]+)(?:L[\d.]+,[\d.]+)*L[\d.]+,([\d.]+)"', dom.stdout)
+    assert len(lines) == 3 and all(float(first) > float(last) for first, last in lines), lines
 
 
 def test_the_account_report_tells_one_customers_story_and_refuses_an_unknown_account(filled, tmp_path):
