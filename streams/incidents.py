@@ -170,7 +170,8 @@ class IncidentBook:
                 out.append(self._transition(incident, "updated", at_us, "failures surge again before the cool-down "
                                             "ended: " + _listing(joined or _active_keys(incident))))
             elif incident.state == "declared" and joined:
-                out.append(self._transition(incident, "updated", at_us, "surging too: " + _listing(joined)))
+                out.append(self._transition(incident, "updated", at_us,
+                                            "surging too: " + _listing(joined) + self._refine_root(incident)))
             elif incident.state == "declared" and _more_severe(self._severity(incident), incident.severity):
                 out.append(self._transition(incident, "updated", at_us,
                                             f"{_users(incident)} users affected now: {self._severity(incident)}"))
@@ -360,6 +361,20 @@ class IncidentBook:
         if not incident.title:
             incident.title = self._title(incident)
         return self._transition(incident, "declared", at_us, reason)
+
+    def _refine_root(self, incident: Incident) -> str:
+        """A surge that joins a declared incident may explain it better than the root chosen at
+        the declaration: the dimensions of one outage cross their thresholds in different
+        buckets (each against its own baseline), and the policy declares on the first that holds.
+        The root (and the title naming it) follow the evidence; the incident id stays."""
+        if incident.manual_dimensions:
+            return ""
+        root = self._root_key(incident)
+        if root == incident.root_key:
+            return ""
+        was, incident.root_key = incident.root_key, root
+        incident.title = self._title(incident)
+        return f"; root cause now {root} (was {was})"
 
     @staticmethod
     def _at(incident: Incident, due_us: int) -> int:

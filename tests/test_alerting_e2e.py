@@ -46,7 +46,10 @@ def test_outage_alert_reaches_webhook(settings, tmp_path, prom_stack):  # noqa: 
             start=datetime.now(timezone.utc) - timedelta(seconds=300), labels_path=tmp_path / "labels.jsonl",
         ))
         try:
-            alert = stack.wait_for_alert("IncidentOpen", receiver="incidents", timeout=180)
+            # the root the incident names: the payment service. The failure class may surge a
+            # bucket earlier and be the root at the declaration; the service then refines it.
+            alert = stack.wait_for_alert("IncidentOpen", {"root_key": "service=payment"}, receiver="incidents",
+                                         timeout=180)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n--- worker log ---\n{worker.tail()}") from None
     finally:
@@ -58,6 +61,5 @@ def test_outage_alert_reaches_webhook(settings, tmp_path, prom_stack):  # noqa: 
     assert alert.labels["job"] == "supportlens-worker"
     assert alert.labels["incident_id"]
     assert alert.labels["incident_severity"]
-    assert "payment" in alert.labels["root_key"]
     assert alert.labels["incident_id"] in alert.annotations["summary"]
     assert alert.annotations["runbook_url"].endswith("runbooks.md#incidentopen")

@@ -170,6 +170,21 @@ def test_the_root_is_the_first_lone_value_that_covers_the_incident_not_a_release
     assert declared.root_key == "service=payment"  # but app_version comes first only if it covers 90 %
 
 
+def test_a_service_surging_a_bucket_after_its_failure_class_becomes_the_root_and_the_id_stays():
+    # each dimension value crosses its own threshold: the class can surge a bucket before the service
+    book = new_book()
+    [declared] = book.on_surges([start("diagnosis_class=server_error", 0, users=120)])
+    assert declared.root_key == "diagnosis_class=server_error"
+    [updated] = book.on_surges([start("service=payment", 10, users=118), update("diagnosis_class=server_error", 0, 20, 120)])
+    assert updated.transition == "updated" and updated.incident_id == declared.incident_id
+    assert updated.root_key == "service=payment" and "payment" in updated.title
+    assert updated.reason == ("surging too: service=payment; "
+                              "root cause now service=payment (was diagnosis_class=server_error)")
+    # a surge that explains nothing better leaves the root alone
+    [later] = book.on_surges([start("network=Comcast", 30, users=20)])
+    assert (later.root_key, later.reason) == ("service=payment", "surging too: network=Comcast")
+
+
 @pytest.mark.parametrize(("starts_s", "same_incident"), [(120, True), (130, False)])
 def test_a_surge_joins_an_incident_when_it_starts_within_the_merge_window_of_its_latest_surge(starts_s, same_incident):
     """Related surges start together; one starting long into an outage is another incident,

@@ -16,6 +16,7 @@ import pytest
 from helpers import WorkerProcess, settings_env, supportlens_cmd
 from supportlens.config import Settings, load_settings
 from supportlens.contracts import IncidentEvent, SurgeEvent, decode
+from supportlens.simulator.generate import REPORT_DELAY_US
 from supportlens.simulator.labels import RunLabel
 from supportlens.simulator.run import SimulateOptions, simulate
 from supportlens.topic_reader import read_range
@@ -81,7 +82,10 @@ def test_outage_is_declared_early_resolved_after_cooldown_and_announced(kafka, t
         f"declared {(incident.at_us - window.start_us) / 1e6:.0f} s after the onset"
     resolved = next(e for e in events if e.transition == "resolved")
     assert resolved.incident_id == incident.incident_id and "over" in resolved.reason
-    assert resolved.at_us - window.end_us <= (COOLDOWN_S + 30) * 1_000_000, \
+    # Users file reports up to a minute after their failure, and the reports count in the region
+    # and network: the surge may go on that long after the outage, then the cool-down, plus slack.
+    resolve_within_us = REPORT_DELAY_US[1] + (COOLDOWN_S + 30) * 1_000_000
+    assert resolved.at_us - window.end_us <= resolve_within_us, \
         f"resolved {(resolved.at_us - window.end_us) / 1e6:.0f} s after the outage ended"
     sequences = [e.sequence for e in events if e.incident_id == incident.incident_id]
     assert sequences == list(range(1, len(sequences) + 1))

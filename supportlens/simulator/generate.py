@@ -28,6 +28,7 @@ SECOND_US = 1_000_000
 CLIENT_SERVICE = "mobile-app"
 CLIENT_LOG_LENGTH = 10
 REPORT_COOLDOWN_US = 300 * SECOND_US  # one user files at most one report per five minutes
+REPORT_DELAY_US = (5 * SECOND_US, 60 * SECOND_US)  # a report arrives this long after the failure
 
 # Chance that a user files a report after a request of this class: people report
 # crashes and hard failures far more often than slowness.
@@ -432,7 +433,7 @@ class Simulation:
         if self.rng.random() >= REPORT_PROBABILITY[cls]:
             return
         self.last_report[user.user_id] = ts
-        received = ts + client_span.duration_us + self.rng.randrange(5 * SECOND_US, 60 * SECOND_US)
+        received = ts + client_span.duration_us + self.rng.randrange(*REPORT_DELAY_US)
         report_id = self._uuid()
         others = [rid for rid in self.recent_ids[user.user_id] if rid != request_id][-2:]
         report = FaultReport(
