@@ -18,6 +18,7 @@ import msgspec
 from supportlens.contracts import (
     AttributeValue,
     BehaviourEvent,
+    Change,
     CorrelatedRequest,
     DeliveryAttempt,
     DiagnosedReport,
@@ -35,7 +36,7 @@ from supportlens.span_batches import decode_spans, rejected_reason
 
 MAX_DEAD_LETTER_VALUE = 65_536  # bytes of a dead record's value kept in ClickHouse; the topic has it whole
 
-_hops_encoder = msgspec.json.Encoder()
+_json_encoder = msgspec.json.Encoder()  # hops, suspects: JSON text columns
 _NO_NETWORK = Network()
 
 
@@ -94,7 +95,7 @@ def _request_row(value: bytes, meta: RecordMeta, max_bytes: int) -> list[Any]:
         r.app_version, r.platform, r.region, n.isp, n.asn, n.connection_type, r.has_client, r.has_server,
         r.client_duration_us, r.client_status, r.client_http_status or 0, r.client_error_code,
         r.server_duration_us, r.server_status, r.server_http_status or 0, r.root_service, list(r.teams),
-        _hops_encoder.encode(r.hops).decode(), r.span_count, d.cls, d.service, d.team, d.code, d.evidence,
+        _json_encoder.encode(r.hops).decode(), r.span_count, d.cls, d.service, d.team, d.code, d.evidence,
         d.catalog_version, r.completeness, r.drill,
     ]
 
@@ -182,12 +183,12 @@ DEAD_LETTERS = TableMapping("dead_letters", (
 
 def _surge_row(value: bytes, meta: RecordMeta, max_bytes: int) -> list[Any]:
     e = decode(value, SurgeEvent, max_bytes)
-    return [e.dimension, e.value, e.at_us, e.surge_id, e.phase, e.started_at_us, e.score, e.rate_per_min,
+    return [e.dimension, e.value, e.at_us, e.surge_id, e.phase, e.kind, e.started_at_us, e.score, e.rate_per_min,
             e.baseline_per_min, e.reports, e.failed_requests, e.affected_users, e.drill, _attributes(e.attributes)]
 
 
 SURGES = TableMapping("surges", (
-    "dimension", "value", "at", "surge_id", "phase", "started_at", "score", "rate_per_min",
+    "dimension", "value", "at", "surge_id", "phase", "kind", "started_at", "score", "rate_per_min",
     "baseline_per_min", "reports", "failed_requests", "affected_users", "drill", "attributes",
 ), _surge_row)
 
@@ -196,13 +197,26 @@ def _incident_row(value: bytes, meta: RecordMeta, max_bytes: int) -> list[Any]:
     e = decode(value, IncidentEvent, max_bytes)
     return [e.incident_id, e.sequence, e.transition, e.at_us, e.started_at_us, e.resolved_at_us, e.severity,
             e.title, e.reason, e.root_key, dict(e.dimensions), list(e.services), list(e.teams), e.affected_users,
-            e.declared_by, e.drill, _attributes(e.attributes)]
+            e.declared_by, _json_encoder.encode(e.suspects).decode(), e.drill, _attributes(e.attributes)]
 
 
 INCIDENTS = TableMapping("incidents", (
     "incident_id", "sequence", "transition", "at", "started_at", "resolved_at", "severity", "title", "reason",
-    "root_key", "dimensions", "services", "teams", "affected_users", "declared_by", "drill", "attributes",
+    "root_key", "dimensions", "services", "teams", "affected_users", "declared_by", "suspects", "drill",
+    "attributes",
 ), _incident_row)
+
+
+def _change_row(value: bytes, meta: RecordMeta, max_bytes: int) -> list[Any]:
+    c = decode(value, Change, max_bytes)
+    return [c.change_id, c.kind, c.service, c.version, c.from_version, c.region, c.platform, c.started_at_us,
+            c.finished_at_us, c.author, c.link, c.description, c.drill, _attributes(c.attributes)]
+
+
+CHANGES = TableMapping("changes", (
+    "change_id", "kind", "service", "version", "from_version", "region", "platform", "started_at", "finished_at",
+    "author", "link", "description", "drill", "attributes",
+), _change_row)
 
 
 def _notification_row(value: bytes, meta: RecordMeta, max_bytes: int) -> list[Any]:
@@ -238,6 +252,7 @@ MAPPINGS: dict[str, TableMapping] = {
     "dlq": DEAD_LETTERS,
     "surges": SURGES,
     "incidents": INCIDENTS,
+    "changes": CHANGES,
     "notifications": NOTIFICATIONS,
     "deliveries": DELIVERIES,
 }

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from supportlens.cli_changes import changes_app
 from supportlens.cli_reports import report_app
 from supportlens.config import Settings, load_settings
 from supportlens.contracts import KIND_NAMES, InvalidRecord, decode
@@ -41,6 +42,7 @@ app.add_typer(accounts_app, name="accounts")
 gateway_key_app = typer.Typer(help="API keys of the client apps that send to the gateway.", no_args_is_help=True)
 app.add_typer(gateway_key_app, name="gateway-key")
 app.add_typer(report_app, name="report")
+app.add_typer(changes_app, name="changes")
 
 console = Console()
 err_console = Console(stderr=True)

@@ -41,6 +41,7 @@ DEFAULT_TTL_DAYS: dict[str, int] = {
     "problem_trends": 400,
     "surges": 400,
     "incidents": 0,
+    "changes": 0,
     "notifications": 400,
     "notification_deliveries": 400,
 }

@@ -286,6 +286,7 @@ class SurgeEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, 
 
     surge_id: Id
     phase: Literal["start", "update", "end"]
+    kind: Literal["surge", "canary"] = "surge"  # canary: a rolling-out version fails more than the one it replaces
     at_us: TimestampUs
     started_at_us: TimestampUs
     dimension: Name  # service | diagnosis_class | region | network | app_version | platform
@@ -299,6 +300,46 @@ class SurgeEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, 
     drill: bool = False
     attributes: Attributes = {}
     schema_version: int = SCHEMA_VERSION
+
+
+ChangeKind = Literal["deploy", "config", "feature_flag", "infra"]
+
+
+class Change(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """A deploy, configuration change, feature flag or infrastructure change, as a CI/CD
+    pipeline or a person posts it (gateway ``POST /v1/changes``, or the ``changes`` topic).
+    Posting it again with the same ``change_id`` (say, with ``finished_at_us`` once a rollout
+    is done) replaces it. ``service`` is what changed: a backend service, or a client app
+    (``mobile-app``) whose ``version`` is what spans carry as ``app_version``."""
+
+    change_id: Id
+    kind: ChangeKind
+    service: Annotated[str, Meta(min_length=1, max_length=256)]
+    version: Name = ""
+    from_version: Name = ""
+    region: Name = ""  # empty: every region
+    platform: Name = ""  # for a client app: ios, android, …; empty: all
+    started_at_us: TimestampUs
+    finished_at_us: TimestampUs | None = None
+    author: Name = ""
+    link: Annotated[str, Meta(max_length=2048, pattern=r"^(https?://\S+)?\Z")] = ""
+    description: Text = ""
+    drill: bool = False
+    attributes: Attributes = {}
+    schema_version: int = SCHEMA_VERSION
+
+
+class Suspect(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """A change that could explain an incident, as the incident manager ranked it (internal:
+    customer notices never show it)."""
+
+    change_id: Id
+    kind: ChangeKind
+    service: Name
+    version: Name = ""
+    started_at_us: TimestampUs
+    score: Annotated[float, Meta(ge=0, le=1)]
+    reason: Text  # e.g. "payment 1.4.2 deployed 3 min before the surge, in the failing hop"
 
 
 IncidentTransition = Literal["declared", "updated", "escalated", "mitigated", "resolved"]
@@ -324,6 +365,7 @@ class IncidentEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     teams: Annotated[list[Name], Meta(max_length=64)] = []
     affected_users: Count = 0
     declared_by: Name = "policy"  # or a person's name
+    suspects: Annotated[list[Suspect], Meta(max_length=10)] = []  # likeliest first
     drill: bool = False
     attributes: Attributes = {}
     schema_version: int = SCHEMA_VERSION
@@ -432,7 +474,31 @@ class IncidentCommand(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     severity: Severity | None = None  # declare: default from the policy
 
 
-Signal = SignalCount | MisuseCount | SignalClock | IncidentCommand
+class VersionCount(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True,
+                   tag="version", tag_field="kind"):
+    """A worker's partial count of one version of one target in one bucket, for the canary
+    comparison: a service (``dimension`` service; its server spans' ``service.version``) or
+    an app on a platform (``dimension`` app_version; target ``mobile-app/android``)."""
+
+    source: Id
+    target: Name
+    dimension: Literal["service", "app_version"]
+    version: Name
+    bucket_start_us: TimestampUs
+    requests: Count = 0  # spans of that target and version
+    failed: Annotated[dict[Name, Count], Meta(max_length=16)] = {}  # by (provisional) diagnosis class
+    drill: bool = False
+
+
+class ChangeSignal(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True,
+                   tag="change", tag_field="kind"):
+    """A change from the ``changes`` topic, forwarded by a worker so the incident manager
+    sees it in order with the counts (its suspects for incidents)."""
+
+    change: Change
+
+
+Signal = SignalCount | MisuseCount | SignalClock | IncidentCommand | ChangeSignal | VersionCount
 _signal_decoder = msgspec.json.Decoder(Signal)
 
 
@@ -449,9 +515,9 @@ def decode_signal(data: bytes, max_bytes: int = 1_048_576) -> Signal:
 
 
 Record = (Span | FaultReport | BehaviourEvent | Account | CorrelatedRequest | DiagnosedReport | SurgeEvent
-          | IncidentEvent | Notification | DeliveryAttempt)
+          | IncidentEvent | Notification | DeliveryAttempt | Change)
 R = TypeVar("R", Span, FaultReport, BehaviourEvent, Account, CorrelatedRequest, DiagnosedReport, SurgeEvent,
-            IncidentEvent, Notification, DeliveryAttempt)
+            IncidentEvent, Notification, DeliveryAttempt, Change)
 
 KIND_NAMES: dict[type, str] = {
     Span: "span",
@@ -464,6 +530,7 @@ KIND_NAMES: dict[type, str] = {
     IncidentEvent: "incident event",
     Notification: "notification",
     DeliveryAttempt: "delivery attempt",
+    Change: "change",
 }
 
 _encoder = msgspec.json.Encoder()

@@ -77,6 +77,8 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("surges", "dimension", 30 * DAY_MS, purpose="surge start/update/end"),
     TopicSpec("incidents", "incident_id", 365 * DAY_MS, purpose="incident lifecycle events"),
     TopicSpec("accounts", "account_id", -1, compacted=True, purpose="customer accounts (latest per key)"),
+    TopicSpec("changes", "change_id", -1, compacted=True, partitions=1,
+              purpose="deploys, config changes, feature flags, infrastructure changes (latest per change id)"),
     TopicSpec("notifications", "account_id", 30 * DAY_MS, purpose="outbox of customer notifications"),
     TopicSpec("deliveries", "notification_id", 30 * DAY_MS, purpose="every attempt to deliver a notification"),
     TopicSpec("dlq", "original key", 14 * DAY_MS, purpose="dead letters with reason and origin"),

@@ -26,6 +26,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from supportlens.contracts import (
     Account,
     BehaviourEvent,
+    Change,
     Contact,
     CorrelatedRequest,
     DeliveryAttempt,
@@ -42,6 +43,7 @@ from supportlens.contracts import (
     SignalCount,
     Span,
     SurgeEvent,
+    Suspect,
 )
 
 T0 = 1_763_784_000_000_000
@@ -98,7 +100,13 @@ RECORDS: dict[type, Any] = {
         title="Payments failing", reason="surge on service=payment", root_key="service=payment",
         dimensions={"service": "payment", "region": "eu-west"}, services=["payment"], teams=["payments"],
         affected_users=310,
+        suspects=[Suspect(change_id="chg-1", kind="deploy", service="payment", version="1.4.2", started_at_us=T0,
+                          score=0.9, reason="payment 1.4.2 deployed 3 min before the surge, in the failing hop")],
     ),
+    Change: Change(change_id="chg-1", kind="deploy", service="payment", version="1.4.2", from_version="1.4.1",
+                   region="eu-west", platform="ios", started_at_us=T0, finished_at_us=T0 + 600_000_000, author="ann",
+                   link="https://ci.example.com/pipelines/8812", description="retry budget for the card network",
+                   attributes={"pipeline": 8812}),
     Notification: Notification(notification_id="n-1", account_id="acct-00001", kind="incident_declared",
                                created_at_us=T0, incident_id="inc-1", channel="webhook",
                                to="https://hooks.example.com/supportlens", subject="Payments failing",

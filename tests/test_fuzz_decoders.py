@@ -37,6 +37,7 @@ from supportlens.contracts import (
     KIND_NAMES,
     Account,
     BehaviourEvent,
+    Change,
     CorrelatedRequest,
     DeliveryAttempt,
     DiagnosedReport,
@@ -65,7 +66,7 @@ ID_FIELDS: dict[type, tuple[str, ...]] = {
     Span: ("request_id",), FaultReport: ("report_id",), BehaviourEvent: ("event_id", "user_id"),
     Account: ("account_id",), CorrelatedRequest: ("request_id",), DiagnosedReport: ("report_id",),
     SurgeEvent: ("surge_id",), IncidentEvent: ("incident_id",), Notification: ("notification_id", "account_id"),
-    DeliveryAttempt: ("notification_id", "account_id"),
+    DeliveryAttempt: ("notification_id", "account_id"), Change: ("change_id",),
 }
 VISIBLE_ASCII_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
@@ -425,6 +426,24 @@ def test_decode_behaviour_takes_any_body(body):
         assert_round_trips(contracts.decode(record.value, BehaviourEvent))
 
 
+CHANGE_BODY = fs.plain(fs.RECORDS[Change])
+
+
+@fuzz_settings(400)
+@given(body=st.one_of(fs.json_bytes_for(CHANGE_BODY), fs.json_bytes_for([CHANGE_BODY, CHANGE_BODY])))
+def test_decode_changes_takes_any_body(body):
+    case("ingest.decode_changes")
+    try:
+        changes = ingest.decode_changes(body, LIMIT, fs.T0)
+    except RequestRejected as exc:
+        assert_rejected_well(exc, (400, 413))
+        return
+    assert changes
+    for record, change in zip(ingest.change_records(changes), changes, strict=True):
+        assert (record.topic, record.key) == ("changes", change.change_id)
+        assert_round_trips(contracts.decode(record.value, Change))
+
+
 # --- the accounts import ---------------------------------------------------------------------
 
 CELLS: dict[str, st.SearchStrategy[str]] = {
@@ -509,6 +528,7 @@ TOPIC_RECORDS: dict[str, Any] = {
     "reports-diagnosed": fs.RECORDS[DiagnosedReport], "behaviour": fs.RECORDS[BehaviourEvent],
     "surges": fs.RECORDS[SurgeEvent], "incidents": fs.RECORDS[IncidentEvent],
     "notifications": fs.RECORDS[Notification], "deliveries": fs.RECORDS[DeliveryAttempt],
+    "changes": fs.RECORDS[Change],
 }
 assert set(TOPIC_RECORDS) | {"dlq"} == set(MAPPINGS), "a topic the sink reads has no fuzz input"
 HEADER_NAMES = ["reason", "source_topic", "source_partition", "source_offset", "other"]

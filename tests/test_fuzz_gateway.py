@@ -32,7 +32,7 @@ from fuzzing import assert_readable, case, fuzz_settings
 from helpers import spans_in_records
 from supportlens import contracts
 from supportlens.config import load_settings
-from supportlens.contracts import BehaviourEvent, DiagnosedReport, FaultReport, Span
+from supportlens.contracts import BehaviourEvent, Change, DiagnosedReport, FaultReport, Span
 from supportlens.gateway.app import build_app
 from supportlens.gateway.ingest import OutRecord
 from supportlens.gateway.status import ReportBook
@@ -41,13 +41,13 @@ from test_gateway_http import MemorySink
 LIMIT = 4096  # max_record_bytes: small, so generated bodies cross it
 PARTITIONS = 6  # the settings' default, which the gateway below keeps
 TOPIC_TYPES: dict[str, type] = {"client-spans": Span, "server-spans": Span, "fault-reports": FaultReport,
-                                "behaviour": BehaviourEvent}
+                                "behaviour": BehaviourEvent, "changes": Change}
 DIAGNOSED = fs.RECORDS[DiagnosedReport]
 PENDING_ID = "pending-report"
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"]
 PATHS = ["/v1/traces", "/v1/reports", "/v1/reports/", f"/v1/reports/{PENDING_ID}", "/v1/behaviour", "/healthz",
          "/metrics", "/", "/v1", "/v1/traces/", "/V1/TRACES", "/v1/reports/x/y", "/v1//traces", "/v1/traces?x=1",
-         "/v1/reports/%2e%2e", "/..", "/v1/reports/%ZZ", "/v1/behaviour;a=b"]
+         "/v1/reports/%2e%2e", "/..", "/v1/reports/%ZZ", "/v1/behaviour;a=b", "/v1/changes"]
 PATH_CHARS = string.ascii_letters + string.digits + "-._~!$&'()*+,;=:@/%?"
 CONTENT_TYPES = ["application/json", "application/x-protobuf", "application/json; charset=utf-8",
                  "APPLICATION/JSON", "application/protobuf", "text/plain", "multipart/form-data; boundary=x",
@@ -147,7 +147,8 @@ def check(method: str, answer: Answer, stored: list[OutRecord]) -> Any:
         decoded = contracts.decode(record.value, record_type, LIMIT)
         assert contracts.encode(decoded) == record.value
         assert record.key == (decoded.user_id if record_type is BehaviourEvent else
-                              decoded.report_id if record_type is FaultReport else decoded.request_id)
+                              decoded.report_id if record_type is FaultReport else
+                              decoded.change_id if record_type is Change else decoded.request_id)
     if method == "HEAD" or not answer.content_type.startswith("application/json"):
         assert answer.status < 400 or method == "HEAD", (answer.status, answer.content_type, answer.body[:300])
         return None
@@ -296,6 +297,26 @@ def test_post_behaviour(gateway, request, consent):
     if answer.status == 202:
         assert reply["accepted"] == len(stored) and (reply["accepted"] == 0 or reply["dropped_without_consent"] == 0)
         assert all(record.topic == "behaviour" for record in stored)
+
+
+# --- POST /v1/changes ------------------------------------------------------------------------
+
+CHANGE = fs.plain(fs.RECORDS[Change])
+change_bodies = st.sampled_from([fs.json_bytes_for(CHANGE), fs.json_bytes_for([CHANGE, CHANGE])]).flatmap(
+    lambda family: family)
+
+
+@fuzz_settings(300)
+@given(request=requests_with(change_bodies, ["application/json"]))
+def test_post_changes(gateway, request):
+    case("POST /v1/changes")
+    body, headers, chunked = request
+    answer, stored = gateway.send("POST", "/v1/changes", body, headers, chunked)
+    reply = check("POST", answer, stored)
+    if answer.status == 202:
+        assert reply["accepted"] == len(stored) == len(reply["change_ids"]) > 0
+        assert [record.key for record in stored] == reply["change_ids"]
+        assert all(record.topic == "changes" for record in stored)
 
 
 # --- GET /healthz, and everything else ---------------------------------------------------------

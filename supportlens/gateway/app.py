@@ -53,6 +53,7 @@ class Counters:
     reports_accepted: int = 0
     behaviour_stored: int = 0
     behaviour_withheld: int = 0  # events sent without the consent header
+    changes_stored: int = 0
     internal_errors: int = 0
     refused_unauthenticated: int = 0  # no API key, or one of no app
     refused_rate_limited: int = 0  # an app over its rate
@@ -167,6 +168,15 @@ class Gateway:
         await self._sink.send_all(ingest.behaviour_records(events))
         self.counters.behaviour_stored += len(events)
         return json_response(202, {"accepted": len(events), "dropped_without_consent": 0})
+
+    async def changes(self, request: web.Request) -> web.Response:
+        """``POST /v1/changes``: deploys, config changes, feature flags, infrastructure changes
+        (one object or an array); 202 once Kafka stored them all."""
+        require_json(request)
+        changes = ingest.decode_changes(await self._body(request), self._settings.max_record_bytes, self._clock_us())
+        await self._sink.send_all(ingest.change_records(changes))
+        self.counters.changes_stored += len(changes)
+        return json_response(202, {"accepted": len(changes), "change_ids": [c.change_id for c in changes]})
 
     async def health(self, _request: web.Request) -> web.Response:
         """``GET /healthz``: 200 while Kafka answers (checked at most every few seconds)."""
@@ -309,6 +319,7 @@ def build_app(
             web.post("/v1/reports", gateway.report),
             web.get("/v1/reports/{report_id}", gateway.report_status),
             web.post("/v1/behaviour", gateway.behaviour),
+            web.post("/v1/changes", gateway.changes),
             web.get("/healthz", gateway.health),
             metrics_route(),
         ]

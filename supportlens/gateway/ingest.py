@@ -16,12 +16,13 @@ from typing import Any, NamedTuple
 import msgspec
 
 from supportlens import contracts
-from supportlens.contracts import BehaviourEvent, FaultReport, InvalidRecord, Span
+from supportlens.contracts import BehaviourEvent, Change, FaultReport, InvalidRecord, Span
 from supportlens.gateway.addresses import ClientAddressPolicy
 from supportlens.otlp import RequestIdRule, attributes_dict, normalize_request
 from supportlens.span_batches import pack_spans
 
 CLIENT_SPANS, SERVER_SPANS, FAULT_REPORTS, BEHAVIOUR = "client-spans", "server-spans", "fault-reports", "behaviour"
+CHANGES = "changes"
 CONSENT_ATTRIBUTE = "supportlens.consent"
 CONSENT_GRANTED = "granted"
 ATTACHED_TO_REPORT = "attached_to_report"
@@ -324,6 +325,35 @@ def decode_behaviour(body: bytes, max_bytes: int) -> list[BehaviourEvent]:
 
 def behaviour_records(events: Sequence[BehaviourEvent]) -> list[OutRecord]:
     return [OutRecord(BEHAVIOUR, event.user_id, contracts.encode(event)) for event in events]
+
+
+# --- changes -----------------------------------------------------------------------------
+
+
+def decode_changes(body: bytes, max_bytes: int, received_at_us: int) -> list[Change]:
+    """One change object or an array of them, as a CI/CD pipeline posts them; a change without
+    ``started_at_us`` started when the gateway received it (``received_at_us``). The first
+    invalid one rejects the request (400 naming the field, ``changes[2]: …`` in an array; 413
+    when one as stored would be over ``max_bytes``). The service is not checked against the
+    catalogue: a new service deploys before the catalogue knows it, and its change is kept."""
+    value = parse_json(body)
+    if isinstance(value, dict):
+        return [_change(value, max_bytes, received_at_us)]
+    if not isinstance(value, list) or not value:
+        got = "an empty array" if isinstance(value, list) else _json_type(value)
+        raise RequestRejected(400, f"changes must be a change object or an array of them, got {got}")
+    return [_change(item, max_bytes, received_at_us, where=f"changes[{i}]: ") for i, item in enumerate(value)]
+
+
+def _change(raw: Any, max_bytes: int, received_at_us: int, where: str = "") -> Change:
+    if isinstance(raw, dict) and raw.get("started_at_us") is None:
+        raw["started_at_us"] = received_at_us
+    return _validated(raw, Change, max_bytes, where)
+
+
+def change_records(changes: Sequence[Change]) -> list[OutRecord]:
+    """Each change on ``changes``, keyed by its id: the compacted topic keeps the latest post of each."""
+    return [OutRecord(CHANGES, change.change_id, contracts.encode(change)) for change in changes]
 
 
 def _validated(raw: Any, record_type: type[contracts.R], max_bytes: int, where: str = "") -> contracts.R:

@@ -12,7 +12,7 @@ from supportlens.config import Settings
 from supportlens.errors import UserError
 from supportlens.gateway.access import AccessControl
 from supportlens.gateway.app import GATEWAY, Counters, build_app, public_base_url
-from supportlens.gateway.ingest import BEHAVIOUR, CLIENT_SPANS, FAULT_REPORTS, SERVER_SPANS
+from supportlens.gateway.ingest import BEHAVIOUR, CHANGES, CLIENT_SPANS, FAULT_REPORTS, SERVER_SPANS
 from supportlens.gateway.producer import KafkaRecordSink
 from supportlens.gateway.status import DIAGNOSED_TOPIC, DiagnosedReportFollower, ReportBook
 from supportlens.log_floods import quiet_repeats
@@ -20,7 +20,7 @@ from supportlens.topics import require_topics
 
 log = logging.getLogger(__name__)
 
-TOPICS_USED = (CLIENT_SPANS, SERVER_SPANS, FAULT_REPORTS, BEHAVIOUR, DIAGNOSED_TOPIC)
+TOPICS_USED = (CLIENT_SPANS, SERVER_SPANS, FAULT_REPORTS, BEHAVIOUR, CHANGES, DIAGNOSED_TOPIC)
 
 
 async def open_site(app: web.Application, host: str, port: int, *, name: str = "gateway",

@@ -36,6 +36,7 @@ TTL_COLUMNS: dict[str, str] = {
     "problem_trends": "minute",
     "surges": "at",
     "incidents": "started_at",
+    "changes": "started_at",
     "notifications": "created_at",
     "notification_deliveries": "at",
 }

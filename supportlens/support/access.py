@@ -16,8 +16,9 @@ from clickhouse_connect.driver.client import Client
 from supportlens import store
 from supportlens.config import Settings
 from supportlens.errors import UserError
-from supportlens.store import account_report, daily, lookup, perception, recorded
+from supportlens.store import account_report, changes, daily, lookup, perception, recorded
 from supportlens.store.account_report import AccountFigures
+from supportlens.store.changes import RecentChanges
 from supportlens.store.daily import DailyFigures
 from supportlens.store.perception import PerceptionFigures
 from supportlens.store.lookup import ReportDetail, RequestChain, Timeline, TopProblems
@@ -38,6 +39,7 @@ class Support(Protocol):
     def daily_figures(self, day: str) -> DailyFigures: ...
     def perception_figures(self, period: str, day: str) -> PerceptionFigures: ...
     def account_figures(self, account_id: str, period: str, day: str) -> AccountFigures: ...
+    def recent_changes(self, since_us: int, until_us: int, service: str, limit: int) -> RecentChanges: ...
 
 
 class DirectSupport:
@@ -78,6 +80,9 @@ class DirectSupport:
 
     def account_figures(self, account_id: str, period: str, day: str) -> AccountFigures:
         return account_report.account_figures(self.client, account_id, period, _day(day))
+
+    def recent_changes(self, since_us: int, until_us: int, service: str, limit: int) -> RecentChanges:
+        return changes.recent_changes(self.client, since_us, until_us, service, limit)
 
 
 class RemoteSupport:
@@ -143,6 +148,10 @@ class RemoteSupport:
 
     def account_figures(self, account_id: str, period: str, day: str) -> AccountFigures:
         return self._get("/v1/reports/account", {"account": account_id, "period": period, "day": day}, AccountFigures)
+
+    def recent_changes(self, since_us: int, until_us: int, service: str, limit: int) -> RecentChanges:
+        return self._get("/v1/changes", {"since_us": since_us, "until_us": until_us, "service": service,
+                                         "limit": limit}, RecentChanges)
 
 
 def _day(text: str) -> date:

@@ -2,6 +2,7 @@
 
 Endpoints (all GET): ``/v1/timeline?ip=|user=|account=&since=24h&until=now&limit=200``,
 ``/v1/request?id=``, ``/v1/report?id=``, ``/v1/top?by=service&since=7d``, ``/v1/tables``,
+``/v1/changes?since=24h&service=``,
 ``/healthz`` and ``/metrics``; for drills ``/v1/incident?id=`` and the recorded records of a
 window, a page at a time: ``/v1/recorded/spans`` and ``/v1/recorded/reports``
 (``since_us``, ``until_us``, ``after`` = the previous page's ``next``, ``limit``). A bad input
@@ -149,6 +150,16 @@ async def account_report(request: web.Request) -> web.Response:
         query.get("account", ""), query.get("period", "week"), query.get("day", "")))
 
 
+async def recent_changes(request: web.Request) -> web.Response:
+    query = request.query
+
+    def call(support: Support) -> Any:
+        since, until = _window(query, "24h")
+        return support.recent_changes(since, until, query.get("service", ""), _limit(query, 200))
+
+    return await _run(request, call)
+
+
 async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
 
@@ -168,6 +179,7 @@ def build_support_app(support: Support, registry: CollectorRegistry) -> web.Appl
     app.router.add_get("/v1/reports/daily", daily_report)
     app.router.add_get("/v1/reports/perception", perception_report)
     app.router.add_get("/v1/reports/account", account_report)
+    app.router.add_get("/v1/changes", recent_changes)
     app.router.add_get("/healthz", healthz)
     app.router.add_routes([metrics_route(registry)])
     return app
