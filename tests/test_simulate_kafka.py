@@ -12,7 +12,9 @@ from helpers import settings_env, supportlens_cmd
 from sinks.run_summary import RECORD_TYPES, compare, observe
 from supportlens.simulator.generate import SECOND_US, seasonal_factor
 from supportlens.simulator.labels import ReportLabel, RequestLabel, read_labels, read_run
+from supportlens.contracts import Change, decode
 from supportlens.simulator.world import build_world
+from supportlens.span_batches import decode_spans
 from supportlens.topic_reader import end_offsets, read_range
 from supportlens.topics import provision
 
@@ -63,6 +65,49 @@ def test_simulate_cli_service_outage_sends_exactly_what_its_labels_count(setting
     assert seen.server_errors_by_service.most_common(1)[0][0] == "payment"
     assert len(seen.reporting_users) == len({r.user_id for r in reports})
     assert Counter(r.expected_class for r in reports).most_common(1)[0][0] == "server_error"
+
+
+def test_simulate_cli_bad_deploy_sends_its_changes_and_exactly_what_its_labels_count(settings, tmp_path):
+    """`supportlens simulate --scenario bad-deploy`: the `changes` topic holds the deploy (posted
+    at its start and again at 100 %) and the earlier config change, as the labels count them."""
+    env = settings_env(settings)
+    subprocess.run(supportlens_cmd("topics", "create"), env=env, check=True, capture_output=True)
+    labels = tmp_path / "bad-deploy.jsonl"
+    done = subprocess.run(
+        supportlens_cmd("simulate", "--scenario", "bad-deploy", "--rate", "100", "--duration", "60", "--speed", "0",
+                        "--labels", str(labels)),
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert settings.topic("changes") in done.stdout  # the summary table counts it like the other topics
+    run = read_run(labels)
+    assert run.rollout is not None and run.counts["changes"] == sum(c.records for c in run.changes) == 3
+
+    seen = _read_back(settings)
+    assert not seen.invalid
+    for row in compare(run, seen):
+        assert row.ok, f"{row.topic}: sent {row.expected}, read back {row.seen}"
+    messages = list(read_range(settings, [settings.topic("changes")]))
+    assert len(messages) == run.counts["changes"]
+    changes = [decode(m.value(), Change) for m in messages]
+    for message, change in zip(messages, changes):
+        assert message.key().decode() == change.change_id
+        assert message.timestamp()[1] == change.started_at_us // 1000
+    assert {c.change_id for c in changes} == {c.change_id for c in run.changes}
+    latest = {c.change_id: c for c in changes}  # a compacted topic: the last post of an id counts
+    deploy = latest[run.rollout.change_id]
+    assert (deploy.kind, deploy.service, deploy.version, deploy.from_version) == ("deploy", "payment", "1.4.2", "1.4.1")
+    assert (deploy.started_at_us, deploy.finished_at_us) == (run.rollout.steps[0].at_us, run.rollout.steps[-1].at_us)
+    assert run.expected_incidents[0].expected_suspect == deploy.change_id
+    # the payment hop's spans say which version served them, and the new one fails
+    versions: Counter[tuple[str, int | None]] = Counter()
+    for message in read_range(settings, [settings.topic("server-spans")]):
+        for span in decode_spans(message.value()).spans:
+            if span.service == "payment":
+                versions[(str(span.attributes["service.version"]), span.http_status)] += 1
+    failed_new = versions[("1.4.2", 503)]
+    assert failed_new > 10 * max(1, versions[("1.4.1", 503)])
+    assert failed_new > 0.8 * sum(n for (version, _), n in versions.items() if version == "1.4.2")
 
 
 def test_malformed_records_on_a_topic_are_counted_with_a_reason_naming_the_field(settings):

@@ -19,9 +19,13 @@ from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from supportlens.contracts import BehaviourEvent, FaultReport, Record, Span
+import msgspec
+
+from supportlens.contracts import BehaviourEvent, Change, FaultReport, Record, Span
 from supportlens.simulator import scenarios as sc
-from supportlens.simulator.labels import IncidentWindow, ReportLabel, RequestLabel, RunLabel
+from supportlens.simulator.labels import (
+    ChangeLabel, IncidentWindow, ReportLabel, RequestLabel, RolloutLabel, RolloutStep, RunLabel,
+)
 from supportlens.simulator.world import OPERATION_BY_NAME, OPERATIONS, SERVICES, Operation, User, World
 
 SECOND_US = 1_000_000
@@ -93,6 +97,45 @@ class Plan:
         lo, hi = self.scenario.window
         return (self.start_us + int(self.duration_s * lo * SECOND_US), self.start_us + int(self.duration_s * hi * SECOND_US))
 
+    def at_us(self, fraction: float) -> int:
+        """The time at this fraction of the run."""
+        return self.start_us + int(self.duration_s * fraction * SECOND_US)
+
+    @property
+    def rollout_steps_us(self) -> list[tuple[int, float]]:
+        """(time, share of the rolled-out service's requests on the new version from then); empty without a rollout."""
+        rollout = self.scenario.rollout
+        return [(self.at_us(fraction), share) for fraction, share in rollout.steps] if rollout else []
+
+    def change_posts(self) -> list[tuple[int, Change, bool]]:
+        """The change records of the run as (time posted, record, whether it caused the
+        failures), in posting order. A rollout is posted when it starts (no ``finished_at_us``)
+        and again, same ``change_id``, when it reaches everyone; a change from before the run
+        is posted at its start. Change ids end in the run's start (s): runs never collide."""
+        scenario = self.scenario
+        run_tag = self.start_us // SECOND_US
+        lo, _ = self.window_us
+        posts: list[tuple[int, Change, bool]] = []
+        for other in scenario.other_changes:
+            started = lo - other.before_s * SECOND_US
+            posts.append((started, Change(
+                change_id=f"{other.change_id}-{run_tag}", kind=other.kind, service=other.service,  # type: ignore[arg-type]
+                version=other.version, started_at_us=started, finished_at_us=started + other.lasted_s * SECOND_US,
+                author=other.author, description=other.description, attributes=dict(other.attributes)), False))
+        rollout = scenario.rollout
+        if rollout is not None:
+            steps = self.rollout_steps_us
+            started, finished = steps[0][0], steps[-1][0]
+            deploy = Change(
+                change_id=f"{rollout.change_id}-{run_tag}", kind="deploy", service=rollout.service,
+                version=rollout.to_version, from_version=rollout.from_version, started_at_us=started,
+                author=rollout.author, link=rollout.link, description=rollout.description,
+                attributes={"rollout": " → ".join(f"{share:.0%}" for _, share in steps)})
+            posts.append((started, deploy, True))
+            posts.append((finished, msgspec.structs.replace(deploy, finished_at_us=finished), True))
+        posts.sort(key=lambda post: post[0])
+        return posts
+
 
 @dataclass(frozen=True)
 class Emit:
@@ -148,6 +191,12 @@ class Simulation:
         self.requests = 0
         self.visible = 0
         self._seq = 0
+        # change records by the second of the run they are posted in (from before the run: the first)
+        self.rollout_steps = plan.rollout_steps_us
+        self.change_posts: dict[int, list[Change]] = defaultdict(list)
+        for posted, change, _ in plan.change_posts():
+            second = min(max(0, (posted - plan.start_us) // SECOND_US), plan.duration_s - 1)
+            self.change_posts[second].append(change)
 
     # ---- ids -------------------------------------------------------------------
     def _hex(self, bits: int) -> str:
@@ -168,6 +217,9 @@ class Simulation:
         for second in range(plan.duration_s):
             tick = Tick(second)
             t0 = plan.start_us + second * SECOND_US
+            for change in self.change_posts.get(second, ()):
+                tick.events.append(Emit("changes", change.change_id, change.started_at_us, change))
+                self.counts["changes"] += 1
             utc_hour = (t0 / 3_600_000_000) % 24
             for region_name, users in self.by_region.items():
                 share = len(users) / total_users
@@ -193,6 +245,14 @@ class Simulation:
 
     def summary(self) -> RunLabel:
         plan = self.plan
+        posts = plan.change_posts()
+        latest = {change.change_id: (change, cause) for _, change, cause in posts}
+        records = Counter(change.change_id for _, change, _ in posts)
+        changes = [ChangeLabel(change_id=c.change_id, kind=c.kind, service=c.service, version=c.version,
+                               started_at_us=c.started_at_us, finished_at_us=c.finished_at_us, cause=cause,
+                               records=records[c.change_id])
+                   for c, cause in latest.values()]
+        suspect = next((c.change_id for c in changes if c.cause), "")
         expected = []
         if plan.scenario.expects_incident:
             lo, hi = plan.window_us
@@ -203,8 +263,17 @@ class Simulation:
                     dimension=dict(plan.scenario.dimension),
                     start_us=lo,
                     end_us=hi,
+                    expected_suspect=suspect,
                 )
             )
+        rollout = plan.scenario.rollout
+        rollout_label = None
+        if rollout is not None:
+            rollout_label = RolloutLabel(
+                change_id=suspect, service=rollout.service, from_version=rollout.from_version,
+                to_version=rollout.to_version,
+                steps=[RolloutStep(at_us=at, share=share) for at, share in plan.rollout_steps_us],
+                failure_probability=plan.scenario.probability, expected_class=plan.scenario.expected_class)
         return RunLabel(
             scenario=plan.scenario.name,
             seed=plan.seed,
@@ -222,13 +291,31 @@ class Simulation:
             scenario_window=plan.window_us,
             vip_accounts=sorted(self.world.vip_accounts),
             misuse_account=self.world.misuse_account,
+            rollout=rollout_label,
+            changes=changes,
         )
 
     # ---- one request -----------------------------------------------------------------
-    def _outcome(self, user: User, op: Operation, ts: int) -> tuple[sc.Fault, bool]:
+    def _serving_version(self, op: Operation, ts: int) -> str:
+        """The version of the rolled-out service that serves this request ("" without a rollout,
+        or when the request does not call that service): new with the rollout's share at ``ts``."""
+        rollout = self.plan.scenario.rollout
+        if rollout is None or rollout.service not in op.services():
+            return ""
+        share = 0.0
+        for at, step_share in self.rollout_steps:
+            if ts >= at:
+                share = step_share
+        new = share >= 1 or (share > 0 and self.rng.random() < share)
+        return rollout.to_version if new else rollout.from_version
+
+    def _outcome(self, user: User, op: Operation, ts: int, version: str = "") -> tuple[sc.Fault, bool]:
         scenario = self.plan.scenario
         lo, hi = self.plan.window_us
         in_window = lo <= ts < hi
+        rollout = scenario.rollout
+        if rollout is not None and version == rollout.to_version and self.rng.random() < scenario.probability:
+            return sc.Fault(scenario.expected_class, service=rollout.service), in_window
         if in_window and scenario.effect is not None:
             fault = scenario.effect(user, op, self.world)
             if fault is not None and self.rng.random() < scenario.probability:
@@ -242,10 +329,11 @@ class Simulation:
 
     def _request(self, tick: Tick, user: User, ts: int, op: Operation | None = None) -> None:
         op = op or self._pick_operation()
-        fault, in_window = self._outcome(user, op, ts)
+        version = self._serving_version(op, ts)
+        fault, in_window = self._outcome(user, op, ts, version)
         request_id = self._uuid()
         trace_id = self._hex(128)
-        server_spans, client_span, failing = self._spans(user, op, fault, request_id, trace_id, ts)
+        server_spans, client_span, failing = self._spans(user, op, fault, request_id, trace_id, ts, version)
         self.requests += 1
         self.classes[fault.cls] += 1
         for span in server_spans:
@@ -299,9 +387,12 @@ class Simulation:
         return OPERATIONS[-1]
 
     def _spans(
-        self, user: User, op: Operation, fault: sc.Fault, request_id: str, trace_id: str, ts: int
+        self, user: User, op: Operation, fault: sc.Fault, request_id: str, trace_id: str, ts: int, version: str = ""
     ) -> tuple[list[Span], Span, str]:
-        """Server spans of the call chain and the client span, shaped by the fault."""
+        """Server spans of the call chain and the client span, shaped by the fault. With a
+        ``version``, the rolled-out service's span carries it as ``service.version`` (OTel)."""
+        rollout = self.plan.scenario.rollout
+        versioned = rollout.service if rollout is not None and version else ""
         rng = self.rng
         rtt_ms = {"ethernet": 15, "wifi": 30, "cellular-5g": 40, "cellular-4g": 70}[user.connection_type]
         client_span_id = self._hex(64)
@@ -385,7 +476,8 @@ class Simulation:
                     app_version=user.app_version,
                     platform=user.platform,
                     region=user.region.name,
-                    attributes={"team": SERVICES[service].team},
+                    attributes=({"team": SERVICES[service].team, "service.version": version} if service == versioned
+                                else {"team": SERVICES[service].team}),
                 )
             )
         total_ms = durations[0] / 1000 + rtt_ms

@@ -40,15 +40,46 @@ class ReportLabel(msgspec.Struct, kw_only=True, tag="report", tag_field="kind"):
     in_scenario_window: bool
 
 
-class IncidentWindow(msgspec.Struct, kw_only=True):
+class IncidentWindow(msgspec.Struct, kw_only=True, omit_defaults=True):
     scenario: str
     expected_class: str
     dimension: dict[str, str]
     start_us: int
     end_us: int
+    expected_suspect: str = ""  # the change id the incident should name as its top suspect; "": none
 
 
-class RunLabel(msgspec.Struct, kw_only=True, tag="run", tag_field="kind"):
+class RolloutStep(msgspec.Struct, kw_only=True):
+    at_us: int  # from this time on ...
+    share: float  # ... the new version serves this share of the service's requests
+
+
+class RolloutLabel(msgspec.Struct, kw_only=True):
+    """A scripted gradual deploy: which version replaced which, and when it reached each share."""
+
+    change_id: str
+    service: str
+    from_version: str
+    to_version: str
+    steps: list[RolloutStep]
+    failure_probability: float  # a request the new version serves fails with it (the old one: noise only)
+    expected_class: str
+
+
+class ChangeLabel(msgspec.Struct, kw_only=True):
+    """A change the run put on the ``changes`` topic, and whether it caused the run's failures."""
+
+    change_id: str
+    kind: str
+    service: str
+    version: str = ""
+    started_at_us: int
+    finished_at_us: int | None = None
+    cause: bool  # True: the expected top suspect; False: a distractor that explains nothing
+    records: int  # records sent for it (a rollout is posted when it starts and again when it finishes)
+
+
+class RunLabel(msgspec.Struct, kw_only=True, omit_defaults=True, tag="run", tag_field="kind"):
     scenario: str
     seed: int
     rate: float
@@ -65,6 +96,9 @@ class RunLabel(msgspec.Struct, kw_only=True, tag="run", tag_field="kind"):
     scenario_window: tuple[int, int]
     vip_accounts: list[str]
     misuse_account: str
+    # only scenarios with changes (bad-deploy) write these; omitted otherwise
+    rollout: RolloutLabel | None = None
+    changes: list[ChangeLabel] = []
 
 
 Label = RequestLabel | ReportLabel | RunLabel

@@ -41,6 +41,42 @@ Effect = Callable[[User, Operation, World], "Fault | None"]
 
 
 @dataclass(frozen=True)
+class Rollout:
+    """A gradual deploy of a new version of one service, announced as a ``deploy`` change.
+
+    From the run time of each step (a fraction of the run) the new version serves that
+    share of the service's requests, chosen per request. A request the new version serves
+    fails on the service's hop with the scenario's ``probability``; the old version only
+    sees background noise. The deploy starts at the first step and finishes at the last.
+    """
+
+    service: str
+    from_version: str
+    to_version: str
+    steps: tuple[tuple[float, float], ...]  # (fraction of the run, share of the service's requests on the new version)
+    change_id: str  # a prefix: the run's start (s) is appended, so two runs never replace each other's change
+    author: str = ""
+    link: str = ""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ScriptedChange:
+    """A change on the ``changes`` topic that does not cause the scenario's failures (a distractor
+    for suspect ranking): it started ``before_s`` seconds before the scenario's window."""
+
+    change_id: str  # a prefix, as :attr:`Rollout.change_id`
+    kind: str  # deploy | config | feature_flag | infra
+    service: str
+    before_s: int
+    lasted_s: int
+    version: str = ""
+    author: str = ""
+    description: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Scenario:
     name: str
     description: str
@@ -56,6 +92,8 @@ class Scenario:
     burst_share: float = 0.0
     burst_operation: str = ""
     burst_users: Callable[[User, World], bool] | None = None
+    rollout: Rollout | None = None  # a deploy whose new version fails (the window starts at its first step)
+    other_changes: tuple[ScriptedChange, ...] = ()  # changes that explain nothing
 
 
 def _service_outage(user: User, op: Operation, world: World) -> Fault | None:
@@ -79,6 +117,12 @@ def _misuse_wave(user: User, op: Operation, world: World) -> Fault | None:
         return Fault(CLIENT_MISUSE, service="auth", code="ORDER_BEFORE_LOGIN")
     return None
 
+
+# bad-deploy: payment 1.4.1 → 1.4.2 at 30 %, 55 % and 80 % of the run (90 s, 165 s and 240 s
+# of a 300-s run: 75 s at 10 % and 75 s at 50 % before everyone gets it).
+PAYMENT_OLD = "1.4.1"
+PAYMENT_NEW = "1.4.2"
+BAD_DEPLOY_STEPS = ((0.30, 0.10), (0.55, 0.50), (0.80, 1.0))
 
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
@@ -127,6 +171,38 @@ SCENARIOS: dict[str, Scenario] = {
             "quiet-night",
             "04:00 in Asia, evening in Europe: three of five regions nearly idle, a few unrelated failures",
             start_hour_utc=20,
+        ),
+        Scenario(
+            "bad-deploy",
+            f"payment {PAYMENT_NEW} rolls out 10 % → 50 % → 100 % and fails most calls it serves (503); "
+            "an unrelated search config change 20 min earlier",
+            probability=0.95,
+            window=(BAD_DEPLOY_STEPS[0][0], 1.0),
+            expects_incident=True,
+            expected_class=SERVER_ERROR,
+            dimension={"service": "payment"},
+            rollout=Rollout(
+                service="payment",
+                from_version=PAYMENT_OLD,
+                to_version=PAYMENT_NEW,
+                steps=BAD_DEPLOY_STEPS,
+                change_id=f"deploy-payment-{PAYMENT_NEW}",
+                author="ci-pipeline",
+                link="https://ci.example.com/payments/pipelines/1442",
+                description=f"payment {PAYMENT_NEW}: new card tokenisation client (canary 10 % → 50 % → 100 %)",
+            ),
+            other_changes=(
+                ScriptedChange(
+                    change_id="config-search-ranking",
+                    kind="config",
+                    service="search",
+                    before_s=20 * 60,
+                    lasted_s=30,
+                    author="discovery-oncall",
+                    description="search: ranking.boost_recent 0.2 → 0.3",
+                    attributes={"key": "ranking.boost_recent", "from": "0.2", "to": "0.3"},
+                ),
+            ),
         ),
     )
 }
