@@ -251,6 +251,33 @@ class Annotation:
                 "name": self.name, "target": self.query.target("Anno")}
 
 
+# A change in words, "payment 1.4.1 → 1.4.2 deployed in eu-west by ann", then its description and
+# link on lines of their own (as `supportlens changes add` prints it).
+_CHANGE_VERB = ("transform(kind, ['deploy', 'config', 'feature_flag', 'infra'], "
+                "['deployed', 'config changed', 'flag changed', 'infrastructure changed'], kind)")
+_CHANGE_VERSIONS = "if(from_version != '' AND version != '', concat(from_version, ' → ', version), version)"
+_CHANGE_TEXT = (
+    f"concat(arrayStringConcat(arrayFilter(part -> part != '', [service, {_CHANGE_VERSIONS}, {_CHANGE_VERB}]), ' '), "
+    "if(region != '', concat(' in ', region), ''), if(author != '', concat(' by ', author), ''), "
+    "if(description != '', concat('\\n', description), ''), if(link != '', concat('\\n', link), ''))"
+)
+
+
+def change_annotation() -> Annotation:
+    """Every change (deploy, config, feature flag, infrastructure; ``changes``, migration 0011) of
+    the range: a mark where it started, a region to where it finished once it said so. Drills
+    are left out. On every dashboard that shows time: most outages follow a change."""
+    return Annotation("Changes", Sql(f"""
+        SELECT started_at AS time, ifNull(finished_at, started_at) AS timeEnd,
+               concat(change_id, ' (', kind, ')') AS title,
+               {_CHANGE_TEXT} AS text,
+               arrayStringConcat(arrayFilter(tag -> tag != '', [kind, service, region, version]), ',') AS tags
+        FROM changes FINAL
+        WHERE started_at <= $__toTime AND ifNull(finished_at, started_at) >= $__fromTime AND NOT drill
+        ORDER BY time, change_id
+    """, ("time", "timeEnd", "title", "text", "tags")), color="purple")
+
+
 BUILT_IN_ANNOTATION: dict[str, Any] = {
     "builtIn": 1, "datasource": BUILT_IN.ref(), "enable": True, "hide": True,
     "iconColor": "rgba(0, 211, 255, 1)", "name": "Annotations & Alerts", "type": "dashboard",

@@ -10,7 +10,7 @@ notification (DESIGN.md §6), and ``notification_deliveries`` records every atte
 from __future__ import annotations
 
 from dashboards.common import (
-    SERVICE, Annotation, Dashboard, Panel, Sql, row, stat, table, timeseries,
+    SERVICE, Annotation, Dashboard, Panel, Sql, change_annotation, row, stat, table, timeseries,
 )
 
 UID = "supportlens-incidents"
@@ -166,6 +166,6 @@ def dashboard() -> Dashboard:
             affected_vip_accounts(), deliveries_by_outcome(),
         ),
         variables=(SERVICE,),
-        annotations=(incident_annotation(),),
+        annotations=(incident_annotation(), change_annotation()),
         time_from="now-24h",
     )

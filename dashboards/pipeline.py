@@ -7,7 +7,7 @@ the same the alert rules watch). ``$__rate_interval`` is Grafana's: at least fou
 
 from __future__ import annotations
 
-from dashboards.common import Dashboard, Panel, PromQL, row, stat, timeseries
+from dashboards.common import Dashboard, Panel, PromQL, change_annotation, row, stat, timeseries
 
 UID = "supportlens-pipeline"
 JOBS = 'job=~"supportlens.*"'
@@ -102,5 +102,6 @@ def dashboard() -> Dashboard:
             row("ClickHouse sink"),
             sink_write_latency(), sink_rows(), sink_trouble(), processing_latency(),
         ),
+        annotations=(change_annotation(),),
         time_from="now-3h",
     )

@@ -11,7 +11,8 @@ left out: a replayed incident is not a problem of today.
 from __future__ import annotations
 
 from dashboards.common import (
-    APP_VERSION, REGION, SERVICE, Dashboard, Panel, Sql, in_selection, row, stat, table, timeseries,
+    APP_VERSION, REGION, SERVICE, Dashboard, Panel, Sql, change_annotation, in_selection, row, stat, table,
+    timeseries,
 )
 
 UID = "supportlens-problem-trends"
@@ -125,4 +126,5 @@ def dashboard() -> Dashboard:
             top_by_service(), top_by_region(), top_by_network(), top_by_app_version(), top_by_platform(),
         ),
         variables=(REGION, SERVICE, APP_VERSION),
+        annotations=(change_annotation(),),
     )

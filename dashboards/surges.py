@@ -11,7 +11,7 @@ is in the surge events.
 from __future__ import annotations
 
 from dashboards.common import (
-    APP_VERSION, REGION, SERVICE, Dashboard, Panel, Sql, in_selection, row, table, timeseries,
+    APP_VERSION, REGION, SERVICE, Dashboard, Panel, Sql, change_annotation, in_selection, row, table, timeseries,
 )
 from dashboards.incidents import incident_annotation
 
@@ -65,7 +65,7 @@ def surge_scores() -> Panel:
         Sql(f"""
             SELECT $__timeInterval(at) AS time, {SURGE_LABEL} AS surge, max(score) AS score
             FROM surges FINAL
-            WHERE $__timeFilter(at) AND NOT drill
+            WHERE $__timeFilter(at) AND NOT drill AND kind = 'surge'
             GROUP BY time, surge
             ORDER BY time, surge
         """, ("time", "surge", "score"), time_series=True),
@@ -83,7 +83,7 @@ def surge_rates() -> Panel:
             SELECT $__timeInterval(at) AS time, {SURGE_LABEL} AS surge,
                    max(rate_per_min) AS rate_per_min, max(baseline_per_min) AS baseline_per_min
             FROM surges FINAL
-            WHERE $__timeFilter(at) AND NOT drill
+            WHERE $__timeFilter(at) AND NOT drill AND kind = 'surge'
             GROUP BY time, surge
             ORDER BY time, surge
         """, ("time", "surge", "rate_per_min", "baseline_per_min"), time_series=True),
@@ -95,7 +95,7 @@ def surges_started() -> Panel:
     return timeseries("Surges started by dimension", "New surges per interval.", Sql("""
         SELECT $__timeInterval(at) AS time, dimension, count() AS surges
         FROM surges FINAL
-        WHERE $__timeFilter(at) AND phase = 'start' AND NOT drill
+        WHERE $__timeFilter(at) AND phase = 'start' AND NOT drill AND kind = 'surge'
         GROUP BY time, dimension
         ORDER BY time, dimension
     """, ("time", "dimension", "surges"), time_series=True), bars=True, stacked=True, width=12)
@@ -107,12 +107,34 @@ def surge_list() -> Panel:
                argMax(phase, at) AS phase, max(score) AS peak_score, max(reports) AS reports,
                max(failed_requests) AS failed_requests, max(affected_users) AS affected_users
         FROM surges FINAL
-        WHERE $__timeFilter(at) AND NOT drill
+        WHERE $__timeFilter(at) AND NOT drill AND kind = 'surge'
         GROUP BY surge_id, dimension, value
         ORDER BY started_at DESC
         LIMIT 200
     """, ("surge_id", "dimension", "value", "started_at", "last_event", "phase", "peak_score", "reports",
           "failed_requests", "affected_users")), width=24, height=8, gauges=("affected_users",))
+
+
+def canary_list() -> Panel:
+    return table(
+        "Canary findings",
+        "Rolling-out versions that failed significantly more often than the version they replace "
+        "(streams/canary.py): both failure shares at the worst evaluation, and when it stopped.",
+        Sql("""
+            SELECT surge_id, attributes['target'] AS target, attributes['version'] AS version,
+                   attributes['baseline_version'] AS baseline_version,
+                   attributes['diagnosis_class'] AS diagnosis_class, min(started_at) AS started_at,
+                   max(at) AS last_event, argMax(phase, at) AS phase,
+                   max(toFloat64OrZero(attributes['failure_share'])) AS failure_share,
+                   max(toFloat64OrZero(attributes['baseline_failure_share'])) AS baseline_failure_share
+            FROM surges FINAL
+            WHERE $__timeFilter(at) AND NOT drill AND kind = 'canary'
+            GROUP BY surge_id, target, version, baseline_version, diagnosis_class
+            ORDER BY started_at DESC
+            LIMIT 200
+        """, ("surge_id", "target", "version", "baseline_version", "diagnosis_class", "started_at", "last_event",
+              "phase", "failure_share", "baseline_failure_share")),
+        width=24, height=6, units={"failure_share": "percentunit", "baseline_failure_share": "percentunit"})
 
 
 def dashboard() -> Dashboard:
@@ -122,8 +144,8 @@ def dashboard() -> Dashboard:
         panels=(
             reports_vs_baseline(), reports_by_class(), surges_started(),
             row("Surge detector"),
-            surge_scores(), surge_rates(), surge_list(),
+            surge_scores(), surge_rates(), surge_list(), canary_list(),
         ),
         variables=(REGION, SERVICE, APP_VERSION),
-        annotations=(incident_annotation(),),
+        annotations=(incident_annotation(), change_annotation()),
     )

@@ -29,14 +29,18 @@ from dataclasses import dataclass, field
 import msgspec
 
 from supportlens.contracts import (
-    Account, IncidentCommand, IncidentEvent, MisuseCount, Notification, SignalClock, SignalCount, SurgeEvent,
+    Account, Change, IncidentCommand, IncidentEvent, MisuseCount, Notification, SignalClock, SignalCount, SurgeEvent,
+    VersionCount,
 )
+from streams.canary import Canary, CanaryParams, CanaryState, Finding
 from streams.incidents import BookState, IncidentBook, Policy, TeamOf, stable_digest
 from streams.notices import Notifier, NoticeState, vip_count
+from streams import suspects
 from streams.surge import DetectorState, DistinctSketch, Reading, SurgeDetector, SurgeParams
 
 
 MAX_ACCOUNTS_PER_SURGE = 10_000
+MAX_CHANGES = 2_000  # kept for suspects: the engine's core record must stay well under Kafka's 1 MB
 RELATED_SHARE = 0.5  # a new surge whose users are mostly an incident's affected users joins it
 UNRELATED_SHARE = 0.1  # … hardly any of them: it does not, even within the merge window
 
@@ -88,6 +92,8 @@ class EngineState(msgspec.Struct, kw_only=True):
     book: BookState = msgspec.field(default_factory=BookState)
     notices: NoticeState = msgspec.field(default_factory=NoticeState)
     latest: dict[str, IncidentEvent] = {}  # the latest transition of each open incident
+    changes: dict[str, Change] = {}  # recent changes, by change id: the incidents' suspects
+    canary: CanaryState = msgspec.field(default_factory=CanaryState)
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ class EngineConfig:
     surge: SurgeParams = field(default_factory=SurgeParams)
     idle_source_s: float = 30.0
     sketch_k: int = 256
+    canary: CanaryParams = field(default_factory=CanaryParams)
 
 
 @dataclass
@@ -123,6 +130,7 @@ class SurgeEngine:
         self.accounts: Mapping[str, Account] = accounts if accounts is not None else {}
         self._bucket_us = config.surge.bucket_s * 1_000_000
         self._dirty: set[str] = set()
+        self.canary = Canary(config.canary, self.state.canary, self._bucket_us)
 
     def take_dirty(self) -> set[str]:
         """The dimension values changed since the last call (to store just those)."""
@@ -153,6 +161,10 @@ class SurgeEngine:
         if signal.accounts:
             acc.accounts = sorted(set(acc.accounts) | set(signal.accounts))
 
+    def on_version(self, signal: VersionCount) -> None:
+        self.canary.count(signal.target, signal.dimension, signal.version, signal.bucket_start_us, signal.requests,
+                          signal.failed, signal.drill)
+
     def on_misuse(self, signal: MisuseCount) -> Outputs:
         if self.notifier is None:
             return Outputs()
@@ -167,6 +179,31 @@ class SurgeEngine:
 
     def on_command(self, command: IncidentCommand) -> Outputs:
         return self._with_notices(Outputs(incidents=self.book.on_command(command)))
+
+    def on_change(self, change: Change) -> Outputs:
+        """A deploy, config change, flag or infrastructure change (a repeat replaces it). An open
+        incident it becomes a suspect of is updated with it, so one posted late still counts."""
+        rules = self.book.policy.suspects
+        self.state.changes[change.change_id] = change
+
+        def since(drill: bool) -> int:
+            """The earliest time a change may have started to explain an incident now or later
+            (before the first clock of a timeline, there is no now: all are kept, up to the limit)."""
+            now = self._time(drill).closed_until_us
+            opened = [i.started_at_us for i in self.book.open_incidents() if i.drill == drill]
+            return min(opened + [now]) - rules.window_s * 1_000_000 if now else 0
+
+        self.state.changes = suspects.keep(self.state.changes, since, MAX_CHANGES)
+        out = Outputs()
+        for incident in self.book.open_incidents():
+            latest = self.state.latest.get(incident.incident_id)
+            if latest is None or latest.drill != change.drill or incident.state != "declared":
+                continue
+            ranked = suspects.rank(latest, self.state.changes.values(), rules)
+            if ranked != latest.suspects and any(s.change_id == change.change_id for s in ranked):
+                mine = next(s for s in ranked if s.change_id == change.change_id)
+                out.incidents.append(self.book.note(incident, "suspect change: " + mine.reason))
+        return self._with_notices(out)
 
     # ---- time ---------------------------------------------------------------------------------
     def _time(self, drill: bool) -> Timeline:
@@ -207,7 +244,29 @@ class SurgeEngine:
             out.incidents += self.book.on_time(at_us, drill)
             out.incidents += self.book.on_surges(batch)
         out.incidents += self.book.on_time(limit, drill)
+        # canary findings are surges of their own kind: on record and alerting, not incident evidence
+        out.surges += [self._canary_event(f, limit, drill) for f in self.canary.evaluate(limit, drill, stable_digest)]
         return self._with_notices(out)
+
+    def _canary_event(self, finding: Finding, at_us: int, drill: bool) -> SurgeEvent:
+        verdict, c = finding.verdict, finding.comparison
+        attributes: dict[str, str | int | float] = {
+            "target": verdict.target, "version": verdict.version, "baseline_version": verdict.baseline,
+            "diagnosis_class": verdict.cls}
+        per_min = 60 / self.config.canary.window_s
+        if c is not None:
+            attributes |= {"failure_share": round(c.share, 5), "baseline_failure_share": round(c.baseline_share, 5),
+                           "requests": c.requests, "baseline_requests": c.baseline_requests,
+                           "p_value": float(f"{c.p_value:.3g}")}
+        return SurgeEvent(
+            surge_id=verdict.canary_id, phase=finding.phase, kind="canary",  # type: ignore[arg-type]
+            at_us=at_us, started_at_us=verdict.started_at_us, dimension=verdict.dimension,
+            value=verdict.target if verdict.dimension == "service" else verdict.version,
+            score=round(1.0 - c.p_value, 6) if c else 0.0,
+            rate_per_min=round(c.failures * per_min, 3) if c else 0.0,
+            baseline_per_min=round(c.baseline_share * c.requests * per_min, 3) if c else 0.0,
+            failed_requests=c.failures if c else 0,
+            drill=drill, attributes=attributes)
 
     def _relate(self, event: SurgeEvent) -> SurgeEvent:
         """Compare a new surge's users with each live incident's affected users. Mostly theirs:
@@ -257,6 +316,9 @@ class SurgeEngine:
         on its transitions, and for accounts newly affected while it is open."""
         annotated = []
         for event in out.incidents:
+            ranked = suspects.rank(event, self.state.changes.values(), self.book.policy.suspects)
+            if ranked:
+                event = msgspec.structs.replace(event, suspects=ranked)
             self.state.latest[event.incident_id] = event
             affected = self.affected_accounts(event.incident_id)
             total, vips = vip_count(affected, self.accounts)

@@ -29,6 +29,7 @@ import msgspec
 
 from supportlens.contracts import DIMENSIONS, IncidentCommand, IncidentEvent, Severity, SurgeEvent
 from supportlens.errors import UserError
+from streams.suspects import SuspectRules
 
 DEFAULT_POLICY_PATH = Path(__file__).with_name("incident_policy.toml")
 SEVERITIES: tuple[Severity, ...] = ("sev1", "sev2", "sev3", "sev4")
@@ -69,6 +70,7 @@ class Policy(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     resolve: ResolveRules
     severity: SeverityRules
     root: RootRules
+    suspects: SuspectRules = SuspectRules()
 
 
 def load_policy(path: Path = DEFAULT_POLICY_PATH) -> Policy:
@@ -361,6 +363,10 @@ class IncidentBook:
         if not incident.title:
             incident.title = self._title(incident)
         return self._transition(incident, "declared", at_us, reason)
+
+    def note(self, incident: Incident, reason: str) -> IncidentEvent:
+        """An update that no surge brought (a change that became a suspect), at the book's time."""
+        return self._transition(incident, "updated", max(self._now(incident.drill), incident.last_event_us), reason)
 
     def _refine_root(self, incident: Incident) -> str:
         """A surge that joins a declared incident may explain it better than the root chosen at

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from supportlens.contracts import (
-    Account, FaultReport, MisuseCount, Record, SignalClock, SignalCount, Span, is_drill,
+    Account, Change, FaultReport, MisuseCount, Record, SignalClock, SignalCount, Span, VersionCount, is_drill,
 )
 from streams.catalog import Catalog
 from streams.detect import EngineConfig, Outputs, SurgeEngine
@@ -43,6 +43,8 @@ class RequestCounter:
             self.aggregator.request(span)
             if len(self._counted) > _REMEMBERED_REQUESTS:
                 self._counted.popitem(last=False)
+        if span.side == "client" or span.attributes:
+            self.aggregator.version(span, self.catalog)
         new = count_new_failures(counted, failure_dimensions(span, self.catalog))
         if new:
             counted.update(new)
@@ -54,7 +56,7 @@ def replay(records: Iterable[tuple[int, Record]], catalog: Catalog, policy: Poli
            engine: SurgeEngine | None = None, clock_every_s: int = 1) -> Outputs:
     """Feed ``(event time µs, record)`` pairs, in time order, through counting and the engine.
 
-    Account records fill the engine's accounts. Pass ``engine`` to continue one across calls
+    Account records fill the engine's accounts; Change records go to the engine (suspects). Pass ``engine`` to continue one across calls
     (one run a day for a simulated week). ``clock_every_s`` is the event time between two
     flushes: a worker catching up on a backlog reads minutes of it between two of its clocks."""
     aggregator = SignalAggregator(source="offline", bucket_s=config.surge.bucket_s, sketch_k=config.sketch_k)
@@ -77,6 +79,8 @@ def replay(records: Iterable[tuple[int, Record]], catalog: Catalog, policy: Poli
                 engine.on_count(signal)
             elif isinstance(signal, MisuseCount):
                 out.extend(engine.on_misuse(signal))
+            elif isinstance(signal, VersionCount):
+                engine.on_version(signal)
 
     for ts_us, record in records:
         if next_flush is None:
@@ -86,6 +90,9 @@ def replay(records: Iterable[tuple[int, Record]], catalog: Catalog, policy: Poli
             next_flush += SECOND_US * clock_every_s
         if isinstance(record, Account):
             accounts[record.account_id] = record
+            continue
+        if isinstance(record, Change):
+            out.extend(engine.on_change(record))  # a change is no input partition's event time
             continue
         aggregator.saw("in", ts_us, is_drill(record.attributes) if isinstance(record, (Span, FaultReport)) else False)
         if isinstance(record, Span):

@@ -24,11 +24,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from supportlens.contracts import FaultReport, MisuseCount, SignalClock, SignalCount, Span, is_drill
+from supportlens.contracts import FaultReport, MisuseCount, SignalClock, SignalCount, Span, VersionCount, is_drill
 from streams.catalog import Catalog
 from streams.surge import DistinctSketch, item_hash
 
 PROPAGATED_STATUSES = frozenset({502, 504})  # "my dependency failed": blame lies deeper
+SERVICE_VERSION = "service.version"  # OpenTelemetry's resource attribute, kept on server spans
+MAX_VERSIONS_PER_TARGET = 20
 OTHER = "(other)"
 MAX_ACCOUNTS_PER_CELL = 1000
 
@@ -98,6 +100,9 @@ class SignalAggregator:
     lateness_s: float = 5.0
     _cells: dict[tuple[bool, str, str, int], _Cell] = field(default_factory=dict)
     _misuse: dict[tuple[bool, str, str], tuple[int, int]] = field(default_factory=dict)  # → (count, latest µs)
+    # (drill, target, dimension, version, bucket) → [requests, {class: failures}], for the canary comparison
+    _versions: dict[tuple[bool, str, str, str, int], list] = field(default_factory=dict)
+    _target_versions: dict[str, set[str]] = field(default_factory=dict)
     _values: dict[str, set[str]] = field(default_factory=dict)
     _latest_us: dict[tuple[bool, object], int] = field(default_factory=dict)  # (drill, partition) → event time
     _last_latest_us: dict[bool, int] = field(default_factory=dict)
@@ -163,6 +168,39 @@ class SignalAggregator:
             count, latest = self._misuse.get(key, (0, 0))
             self._misuse[key] = (count + 1, max(latest, span.start_us))
 
+    def version(self, span: Span, catalog: Catalog) -> None:
+        """One span of a versioned target: a server span whose service names its version, or a
+        client span (its app on its platform, at its app version), failed or not."""
+        if span.side == "server":
+            attributes = span.attributes
+            version = attributes.get(SERVICE_VERSION) if attributes else None
+            if not version:
+                return
+            target, dimension = span.service, "service"
+            failed = span.status == "error" and span.http_status not in PROPAGATED_STATUSES
+            cls = "server_error"
+        else:
+            version = span.app_version
+            if not version:
+                return
+            target, dimension = f"{span.service}/{span.platform}" if span.platform else span.service, "app_version"
+            failed = span.status == "error"
+            cls = provisional_class(span, catalog) if failed else ""
+        version = str(version)
+        known = self._target_versions.setdefault(target, set())
+        if version not in known:
+            if len(known) >= MAX_VERSIONS_PER_TARGET:
+                return  # bounded per flush: a target serving twenty versions at once is not a canary
+            known.add(version)
+        drill = bool(span.attributes) and is_drill(span.attributes)
+        key = (drill, target, dimension, version, span.start_us - span.start_us % (self.bucket_s * 1_000_000))
+        cell = self._versions.get(key)
+        if cell is None:
+            cell = self._versions[key] = [0, {}]
+        cell[0] += 1
+        if failed:
+            cell[1][cls] = cell[1].get(cls, 0) + 1
+
     def report(self, report: FaultReport) -> None:
         """A fault report counts at the time of the failure it cites (its client log says when),
         not when it was filed: users report 5–60 s later, and counting them then would keep a
@@ -200,9 +238,9 @@ class SignalAggregator:
         return latest
 
     def flush(self, caught_up: Callable[[object], bool],
-              now_us: int) -> list[SignalCount | MisuseCount | SignalClock]:
+              now_us: int) -> list[SignalCount | MisuseCount | SignalClock | VersionCount]:
         """Every partial count since the last flush, then this worker's clock; clears the counts."""
-        out: list[SignalCount | MisuseCount | SignalClock] = [
+        out: list[SignalCount | MisuseCount | SignalClock | VersionCount] = [
             SignalCount(source=self.source, dimension=dimension, value=value,  # type: ignore[arg-type]
                         bucket_start_us=bucket, failed=cell.failed, reports=cell.reports, requests=cell.requests,
                         users=cell.users.hashes, active_users=cell.active.hashes, accounts=sorted(cell.accounts),
@@ -211,8 +249,13 @@ class SignalAggregator:
         ]
         out += [MisuseCount(source=self.source, account_id=account, code=code, at_us=latest, count=count, drill=drill)
                 for (drill, account, code), (count, latest) in sorted(self._misuse.items())]
+        out += [VersionCount(source=self.source, target=target, dimension=dimension,  # type: ignore[arg-type]
+                             version=version, bucket_start_us=bucket, requests=requests, failed=failed, drill=drill)
+                for (drill, target, dimension, version, bucket), (requests, failed) in sorted(self._versions.items())]
         self._cells.clear()
         self._misuse.clear()
+        self._versions.clear()
+        self._target_versions.clear()
         for drill in sorted({drill for drill, _ in self._latest_us}):
             watermark = self.watermark(caught_up, now_us, drill)
             if watermark:

@@ -45,8 +45,8 @@ from faust.types import TP
 
 from supportlens.config import Settings
 from supportlens.contracts import (
-    FaultReport, IncidentCommand, InvalidRecord, MisuseCount, SignalClock, SignalCount, Span, decode, decode_signal,
-    encode, is_drill,
+    Change, ChangeSignal, FaultReport, IncidentCommand, InvalidRecord, MisuseCount, SignalClock, SignalCount, Span,
+    SurgeEvent, VersionCount, decode, decode_signal, encode, is_drill,
 )
 from supportlens.otlp import RequestIdRule
 from supportlens.otlp_records import normalize_export_record
@@ -110,10 +110,11 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
     raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     name = {logical: settings.topic(logical) for logical in (
         "client-spans", "server-spans", "fault-reports", "reports-by-request", "requests", "reports-diagnosed", "dlq",
-        "incident-signals", "surges", "incidents", "notifications", "otlp-spans")}
+        "incident-signals", "surges", "incidents", "notifications", "otlp-spans", "changes")}
     logical_of = {full: logical for logical, full in name.items()}
     joined = app.topic(name["client-spans"], name["server-spans"], name["reports-by-request"], **raw)
     reports_in = app.topic(name["fault-reports"], **raw)
+    changes_in = app.topic(name["changes"], partitions=1, **raw)
     otlp_in = app.topic(name["otlp-spans"], **raw)
     reports_by_request = app.topic(name["reports-by-request"], **raw)
     dlq = app.topic(name["dlq"], **raw)
@@ -233,6 +234,21 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
             # keep the record time: the correlator compares it with the span streams' times
             await reports_by_request.send(key=key.encode(), value=event.value, timestamp=event.message.timestamp)
 
+    @app.agent(changes_in)
+    async def forward_changes(stream: faust.StreamT) -> None:
+        """Changes go to the incident manager in order with the counts (its suspects), so a
+        restarted worker re-reads them in the same order and ranks the same suspects."""
+        async for event in stream.events():
+            metrics.events_in.labels("changes").inc()
+            if event.value is None:
+                continue  # a tombstone: compaction's delete, nothing to rank
+            try:
+                change = decode(event.value or b"", Change, settings.max_record_bytes)
+            except InvalidRecord as exc:
+                await dead_letter_event(event, exc.reason)
+                continue
+            await signals.send(key=b"changes", value=encode(ChangeSignal(change=change)))
+
     @app.agent(joined)
     async def correlate(stream: faust.StreamT) -> None:
         # Faust's cost is per record (~150 µs), so spans come in batch records and records
@@ -305,6 +321,8 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
                 aggregator.saw(tp, span.start_us, state.drill)
                 if new:
                     aggregator.request(span)
+                if span.side == "client" or span.attributes:
+                    aggregator.version(span, catalog)  # the canary comparison's counts
                 if span.status == "error":
                     count_failure(state, span)
 
@@ -444,6 +462,10 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
                     out.extend(engine.on_misuse(signal))
                 elif isinstance(signal, IncidentCommand):
                     out.extend(engine.on_command(signal))
+                elif isinstance(signal, ChangeSignal):
+                    out.extend(engine.on_change(signal.change))
+                elif isinstance(signal, VersionCount):
+                    engine.on_version(signal)
             # the state first, the outputs second: both are buffered in order and flushed
             # before the offsets are committed, so a crash repeats identical outputs at most
             save_engine(engine)
@@ -488,7 +510,9 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
         for surge in out.surges:
             surges_out.send_soon(key=f"{surge.dimension}={surge.value}".encode(), value=encode(surge))
             metrics.events_out.labels("surges").inc()
-            if surge.phase == "end":
+            if surge.kind == "canary":
+                show_canary(surge)
+            elif surge.phase == "end":
                 with_suppressed_keyerror(metrics.surge_score.remove, surge.dimension, surge.value)
             else:
                 metrics.surge_score.labels(surge.dimension, surge.value).set(surge.score)
@@ -507,6 +531,28 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
                      notification.account_id, " [drill]" if notification.drill else "")
         if out.incidents and engine_box:
             show_incidents(engine_box[0])
+
+    def show_canary(surge: SurgeEvent) -> None:
+        """A canary finding as gauges (the alert rule fires on them), gone when it ends."""
+        a = surge.attributes
+        target, version, base, cls = (str(a.get(k, "")) for k in ("target", "version", "baseline_version",
+                                                                  "diagnosis_class"))
+        drill = str(surge.drill).lower()
+        worse = (target, version, base, cls, drill)
+        shares = [(target, version, "new", cls, drill), (target, base, "baseline", cls, drill)]
+        if surge.phase == "end":
+            with_suppressed_keyerror(metrics.canary_worse.remove, *worse)
+            for labels in shares:
+                with_suppressed_keyerror(metrics.canary_failure_share.remove, *labels)
+            return
+        if surge.phase == "start":
+            metrics.canary_findings.labels(target).inc()
+            log.warning("canary: %s %s fails %s in %.1f %% of its requests against %.1f %% for %s (p=%s)", target,
+                        version, cls, 100 * float(a.get("failure_share", 0)),
+                        100 * float(a.get("baseline_failure_share", 0)), base, a.get("p_value"))
+        metrics.canary_worse.labels(*worse).set(1)
+        metrics.canary_failure_share.labels(*shares[0]).set(float(a.get("failure_share", 0)))
+        metrics.canary_failure_share.labels(*shares[1]).set(float(a.get("baseline_failure_share", 0)))
 
     shown: set[tuple[str, str, str, str]] = set()
 

@@ -100,6 +100,20 @@ class Metrics:
         self.surges_started = Counter(
             "surges_started", "Surges that started, by dimension.", ["dimension"], namespace=ns, registry=registry,
         )
+        self.canary_worse = Gauge(
+            "canary_worse", "1 while a rolling-out version of a service or app fails significantly more often than "
+            "the version it replaces (the series goes away when it no longer does, or the rollout is over).",
+            ["target", "version", "baseline_version", "diagnosis_class", "drill"], namespace=ns, registry=registry,
+        )
+        self.canary_failure_share = Gauge(
+            "canary_failure_share", "Share of requests failing with the class over the comparison window, of the new "
+            "version (role new) and of the one it replaces (role baseline), while a canary finding is open.",
+            ["target", "version", "role", "diagnosis_class", "drill"], namespace=ns, registry=registry,
+        )
+        self.canary_findings = Counter(
+            "canary_findings", "Canary findings that started: a version worse than the one it replaces.",
+            ["target"], namespace=ns, registry=registry,
+        )
         self.incidents_open = Gauge(
             "incidents_open", "Open incidents, by severity and drill flag.", ["severity", "drill"],
             namespace=ns, registry=registry,

@@ -151,6 +151,10 @@ def normalize_span(
     declared_side = merged.get("supportlens.side")
     final_side = declared_side if declared_side in ("client", "server") else side
     extra = {k: _scalar(v) for k, v in merged.items() if k not in _CONSUMED and k not in rule.attributes}
+    if final_side == "server" and merged.get("service.version"):
+        # a backend's own version, for the canary comparison (streams.canary); app_version keeps
+        # what it always held
+        extra["service.version"] = _scalar(merged["service.version"])
     fields = {
         "request_id": str(request_id),
         "trace_id": trace_id,

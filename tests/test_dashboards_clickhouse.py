@@ -5,7 +5,9 @@ expands it (``grafana_sql.expand``), and returns the columns its panel reads.
 The data: two simulated days at 04:00 UTC, replayed through the pipeline's own pure
 functions (correlation, diagnosis, surge detection, declaration policy) and stored through
 the sink's row mapping — a payment outage that is declared and resolved, and an ISP outage
-cut off while its incident is still open. Notifications and their deliveries have no
+cut off while its incident is still open. Changes have no producer in the replay: the test
+writes those a CI/CD pipeline would post around the runs, and some the annotation must
+leave out (a drill, one over before the range). Notifications and their deliveries have no
 producer yet (VIP notices are issue #6): the test writes the outbox rows that producer
 will write, one ``incident_declared`` notice per affected VIP account.
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import msgspec
 import pytest
 
 from dashboards.build import all_dashboards
@@ -33,8 +36,9 @@ from streams.diagnose import diagnose_report, primary_request_id
 from streams.incidents import load_policy
 from streams.offline import replay
 from streams.surge import SurgeParams
+from supportlens.cli_changes import describe
 from supportlens.contracts import (
-    CorrelatedRequest, DeliveryAttempt, FaultReport, IncidentEvent, Notification, Span,
+    Change, CorrelatedRequest, DeliveryAttempt, FaultReport, IncidentEvent, Notification, Span, SurgeEvent,
 )
 from supportlens.simulator.generate import Plan, Simulation
 from supportlens.simulator.scenarios import scenario
@@ -106,6 +110,41 @@ def _vip_outbox(run: Run, world: World) -> tuple[list[Notification], list[Delive
     return notices, attempts
 
 
+def _changes(first_us: int, second_us: int) -> tuple[list[Change], list[Change], set[str]]:
+    """The changes posted around the two runs: the first posts, their re-posts (the first post's
+    fields replaced), and the ids the range's annotation must show (the range starts an hour
+    before the first run)."""
+    hour = 3600 * US
+    posts = [
+        Change(change_id="deploy-payment-1.4.2", kind="deploy", service="payment", version="1.4.2",
+               from_version="1.4.1", region="eu-west", started_at_us=first_us - 300 * US, author="ann",
+               link="https://ci.example.com/pipelines/8812", description="retry budget for the card network"),
+        Change(change_id="config-edge-timeouts", kind="config", service="edge", started_at_us=second_us + 60 * US,
+               author="bob", description="upstream timeout 5 s → 3 s"),
+        # a rollout that began before the range and finished inside it: a region into the range
+        Change(change_id="infra-db-failover", kind="infra", service="payments-db", started_at_us=first_us - 2 * hour,
+               finished_at_us=first_us + 60 * US),
+        # left out: a drill, and a change over an hour before the range began
+        Change(change_id="drill-flag", kind="feature_flag", service="shop-app", started_at_us=first_us, drill=True),
+        Change(change_id="infra-old", kind="infra", service="edge", started_at_us=first_us - 3 * hour,
+               finished_at_us=first_us - 2 * hour),
+    ]
+    reposts = [msgspec.structs.replace(posts[0], finished_at_us=first_us + 600 * US)]  # the rollout is done
+    return posts, reposts, {"deploy-payment-1.4.2", "config-edge-timeouts", "infra-db-failover"}
+
+
+def _canary(at_us: int) -> list[SurgeEvent]:
+    """A canary finding as the engine writes one (tests/test_canary.py drives the engine itself):
+    payment 1.4.2 failing against 1.4.1, from its start to its end."""
+    attributes = {"target": "payment", "version": "1.4.2", "baseline_version": "1.4.1",
+                  "diagnosis_class": "server_error", "failure_share": 0.61, "baseline_failure_share": 0.004,
+                  "requests": 212, "baseline_requests": 1890, "p_value": 1e-40}
+    return [SurgeEvent(surge_id="canary-0123456789ab", phase=phase, kind="canary", at_us=at_us + i * 10 * US,  # type: ignore[arg-type]
+                       started_at_us=at_us, dimension="service", value="payment", score=1.0,
+                       failed_requests=129, attributes=attributes)
+            for i, phase in enumerate(("start", "update", "end"))]
+
+
 @dataclass
 class Loaded:
     client: Any
@@ -114,6 +153,7 @@ class Loaded:
     reports: list[FaultReport]
     incidents: list[IncidentEvent]
     notices: list[Notification]
+    changes: list[Change]  # the ones the annotation shows, as last posted
 
 
 @pytest.fixture(scope="module")
@@ -138,11 +178,17 @@ def loaded(clickhouse_target, tmp_path_factory) -> Iterator[Loaded]:
         run_notices, run_attempts = _vip_outbox(run, world)
         notices += run_notices
         attempts += run_attempts
+    insert_records(client, "surges", _canary(first + 600 * US))
     insert_records(client, "notifications", notices)
     insert_records(client, "deliveries", attempts)
+    posts, reposts, shown = _changes(first, second)
+    insert_records(client, "changes", posts)
+    insert_records(client, "changes", reposts)
+    latest = {c.change_id: c for c in posts + reposts}
     span = TimeRange((first - 3600 * US) // 1000, (second + DURATION_S * US + 3600 * US) // 1000, 60_000)
     yield Loaded(client, span, outage.requests + isp.requests, outage.reports + isp.reports,
-                 outage.out.incidents + isp.out.incidents, notices)
+                 outage.out.incidents + isp.out.incidents, notices,
+                 sorted((latest[i] for i in shown), key=lambda c: (c.started_at_us, c.change_id)))
     client.command(f"DROP DATABASE IF EXISTS `{settings.clickhouse_database}`")
 
 
@@ -263,10 +309,15 @@ def test_open_incidents_show_the_incident_still_open(clickhouse, loaded):
     assert count == 1
 
 
+def _annotation(uid: str, name: str) -> Sql:
+    [dashboard] = [d for d in DASHBOARDS if d.uid == uid]
+    [annotation] = [a for a in dashboard.annotations if a.name == name]
+    return annotation.query
+
+
 def test_incident_annotations_span_each_incident_and_say_what_it_is(clickhouse, loaded):
-    [dashboard] = [d for d in DASHBOARDS if d.uid == "supportlens-incidents"]
-    [annotation] = dashboard.annotations
-    _, rows = _query(loaded, annotation.query, {})
+    annotation = _annotation("supportlens-incidents", "Incidents")
+    _, rows = _query(loaded, annotation, {})
     latest = {e.incident_id: e for e in sorted(loaded.incidents, key=lambda e: e.sequence)}
     assert len(rows) == len(latest)
     for time_, time_end, title, text, tags in rows:
@@ -276,6 +327,23 @@ def test_incident_annotations_span_each_incident_and_say_what_it_is(clickhouse, 
                                         else loaded.time_range.to_ms / 1000)
         assert text == f"{incident.title}: {incident.reason}"
         assert incident.severity in tags.split(",")
+
+
+def test_every_dashboard_over_time_marks_the_changes_of_its_range(clickhouse, loaded):
+    with_changes = {d.uid for d in DASHBOARDS if any(a.name == "Changes" for a in d.annotations)}
+    assert with_changes == {d.uid for d in all_dashboards() if any(p.kind == "timeseries" for p in d.panels)}
+    for uid in sorted(with_changes):
+        _, rows = _query(loaded, _annotation(uid, "Changes"), {})
+        # the drill and the change over before the range are left out; a re-post replaced its first post
+        assert [row[2] for row in rows] == [f"{c.change_id} ({c.kind})" for c in loaded.changes], uid
+        for (time_, time_end, _, text, tags), change in zip(rows, loaded.changes):
+            assert _epoch(time_) == change.started_at_us / US
+            assert _epoch(time_end) == (change.finished_at_us or change.started_at_us) / US
+            # the words `supportlens changes add` prints, then the description and the link
+            assert text.split("\n") == [describe(change), *(p for p in (change.description, change.link) if p)]
+            assert tags.split(",") == [t for t in (change.kind, change.service, change.region, change.version) if t]
+    deploy = next(c for c in loaded.changes if c.kind == "deploy")
+    assert describe(deploy) == "payment 1.4.1 → 1.4.2 deployed in eu-west by ann"
 
 
 def test_affected_vip_accounts_show_each_notice_and_its_last_attempt(clickhouse, loaded):

@@ -16,7 +16,7 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
-from supportlens.contracts import Account, Contact, DeliveryAttempt, IncidentEvent, Notification
+from supportlens.contracts import Account, Contact, DeliveryAttempt, IncidentEvent, Notification, Suspect
 from supportlens.demo.incidents import day_counts_table
 from supportlens.demo.main import _confusion_table
 from supportlens.demo.receiver import Received
@@ -91,7 +91,11 @@ def _incidents() -> list[IncidentEvent]:
                           at_us=T0, started_at_us=T0, severity="sev2", title="Requests from China Telecom fail",
                           reason="still unresolved after 1 h (policy: unresolved_after_s = 3600)",
                           root_key="network=China Telecom", teams=["network", "sre"], affected_users=1_234,
-                          dimensions={"network": "China Telecom"})
+                          dimensions={"network": "China Telecom"},
+                          suspects=[Suspect(change_id=f"chg-20261207-edge-gateway-rollout-000{i}", kind="infra",
+                                            service="edge-gateway", started_at_us=T0 - 300_000_000, score=0.39,
+                                            reason="edge-gateway infrastructure changed 5 min before the surge, "
+                                                   "in the affected region cn-east")] * i)
             for i in range(1, 3)]
 
 

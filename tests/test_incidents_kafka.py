@@ -16,7 +16,6 @@ import pytest
 from helpers import WorkerProcess, settings_env, supportlens_cmd
 from supportlens.config import Settings, load_settings
 from supportlens.contracts import IncidentEvent, SurgeEvent, decode
-from supportlens.simulator.generate import REPORT_DELAY_US
 from supportlens.simulator.labels import RunLabel
 from supportlens.simulator.run import SimulateOptions, simulate
 from supportlens.topic_reader import read_range
@@ -26,6 +25,7 @@ from streams.incidents import load_policy
 pytestmark = pytest.mark.kafka
 COOLDOWN_S = load_policy().resolve.cooldown_s  # the bundled policy, as shipped
 DECLARE_WITHIN_S = 30
+LATE_COUNTS_S = 60
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -78,13 +78,15 @@ def test_outage_is_declared_early_resolved_after_cooldown_and_announced(kafka, t
     incident = declared[0]
     assert window.dimension.items() <= incident.dimensions.items(), incident.dimensions
     assert incident.reason and incident.declared_by == "policy"
+    assert incident.suspects == []  # no change was posted: none is named
     assert 0 <= incident.at_us - window.start_us <= DECLARE_WITHIN_S * 1_000_000, \
         f"declared {(incident.at_us - window.start_us) / 1e6:.0f} s after the onset"
     resolved = next(e for e in events if e.transition == "resolved")
     assert resolved.incident_id == incident.incident_id and "over" in resolved.reason
-    # Users file reports up to a minute after their failure, and the reports count in the region
-    # and network: the surge may go on that long after the outage, then the cool-down, plus slack.
-    resolve_within_us = REPORT_DELAY_US[1] + (COOLDOWN_S + 30) * 1_000_000
+    # The cool-down plus slack, plus a minute: a worker that lags (a loaded CI machine) counts a
+    # failure whose bucket has closed in the oldest open one (late, never lost, streams.detect),
+    # which can keep the surge up to a minute past the outage.
+    resolve_within_us = (LATE_COUNTS_S + COOLDOWN_S + 30) * 1_000_000
     assert resolved.at_us - window.end_us <= resolve_within_us, \
         f"resolved {(resolved.at_us - window.end_us) / 1e6:.0f} s after the outage ended"
     sequences = [e.sequence for e in events if e.incident_id == incident.incident_id]
@@ -153,3 +155,43 @@ def test_a_worker_killed_during_an_open_incident_does_not_declare_it_again(kafka
     assert all(len(contents) == 1 for contents in by_sequence.values()), "a repeated transition differs"
     assert [e.transition for e in events].count("declared") >= 1
     assert {e.sequence for e in events if e.transition == "declared"} == {1}
+
+
+def test_a_bad_deploy_is_caught_by_the_canary_before_it_reaches_everyone_and_named_the_top_suspect(kafka, tmp_path):
+    settings = _settings(kafka)
+    provision(settings)
+    worker = WorkerProcess(settings, tmp_path / "worker.log", **_env(tmp_path)).wait_ready()
+    start = datetime.now(timezone.utc) - timedelta(seconds=300)
+    # 150 req/s: at 50, the 10 % step's payment failures rarely fill a 10-s bucket enough for
+    # a surge of their own (the canary does not need that many: it compares both versions)
+    run = simulate(settings, SimulateOptions("bad-deploy", rate=150, duration_s=300, seed=11, users=3000, speed=0,
+                                             start=start, labels_path=tmp_path / "bad-deploy.jsonl"))
+    window, rollout = run.expected_incidents[0], run.rollout
+    assert rollout is not None and window.expected_suspect == rollout.change_id
+    distractor = next(c.change_id for c in run.changes if not c.cause)
+
+    def canaries() -> list[SurgeEvent]:
+        return [s for s in (decode(m.value(), SurgeEvent) for m in read_range(settings, [settings.topic("surges")]))
+                if s.kind == "canary"]
+
+    def named(events: list[IncidentEvent]) -> bool:
+        return any(e.suspects for e in events if e.declared_by == "policy") and bool(canaries())
+
+    try:
+        events = _wait(settings, worker, named)
+    finally:
+        worker.stop()
+    declared = [e for e in events if e.transition == "declared"]
+    assert len(declared) == 1, [(e.incident_id, e.root_key, e.reason) for e in declared]
+    assert window.dimension.items() <= declared[0].dimensions.items()
+    latest = max((e for e in events if e.suspects), key=lambda e: e.sequence)
+    ranked = [s.change_id for s in latest.suspects]
+    assert ranked[0] == rollout.change_id, latest.suspects
+    assert distractor not in ranked[:1]  # below the deploy, or (it touches nothing failing) absent
+    assert "payment 1.4.2 deployed" in latest.suspects[0].reason and "failing hop" in latest.suspects[0].reason
+    first = min((c for c in canaries() if c.phase == "start"), key=lambda c: c.at_us)
+    full_at = next(step.at_us for step in rollout.steps if step.share >= 1.0)
+    assert (first.dimension, first.value, first.attributes["version"], first.attributes["baseline_version"]) == \
+        ("service", "payment", rollout.to_version, rollout.from_version)
+    assert first.at_us < full_at, "the canary fired only once the new version served everyone"
+    assert float(first.attributes["failure_share"]) > 10 * float(first.attributes["baseline_failure_share"])

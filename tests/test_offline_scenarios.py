@@ -83,6 +83,9 @@ def test_a_bad_release_at_night_needs_twice_the_traffic_and_is_declared_later():
     # reports a bucket on average, under the 10 a bucket needs to start a surge, and buckets
     # that start none are learned as normal — no surge at all.
     _, out = replayed("bad-release", 50)
-    assert out.surges == [] and out.incidents == []
+    assert [s for s in out.surges if s.kind == "surge"] == [] and out.incidents == []
+    # The canary comparison does see it: 5.4.0 crashes far more often than the release before it.
+    canaries = {(s.dimension, s.value, s.attributes["diagnosis_class"]) for s in out.surges if s.kind == "canary"}
+    assert canaries == {("app_version", "5.4.0", "client_crash")}
     # At 100, it is found on the release and its platform, but in the fourth bucket, not the third.
     assert_one_incident_found_in_time("bad-release", 100, 40 * US)

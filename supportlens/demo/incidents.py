@@ -86,8 +86,8 @@ def incidents_of_the_day(settings: Settings, console: Console, runs: list[RunLab
     if at_night:
         problems.append(f"quiet-night: {len(at_night)} incidents declared ({', '.join(e.root_key for e in at_night)})")
     else:
-        surged = {f"{e.dimension}={e.value}" for e in events["surges"]
-                  if e.phase == "start" and not e.drill and night.start_us <= e.started_at_us <= night.end_us}
+        surged = {f"{e.dimension}={e.value}" for e in events["surges"] if e.phase == "start" and not e.drill
+                  and e.kind == "surge" and night.start_us <= e.started_at_us <= night.end_us}
         surges = f"{len(surged)} surges ({', '.join(sorted(surged))}), none the policy declares" if surged else "no surge"
         console.print(f"\n[bold cyan]quiet-night[/]: [green]no incident[/] ✓ — {_count(night.report_classes)} fault "
                       f"reports, {surges}")
@@ -241,7 +241,9 @@ def day_counts_table(events: dict[str, list[Any]], at_customers: Sequence[Receiv
     drill_of = {a.notification_id: a.drill for a in events["deliveries"]}
     table = Table("what", "real", "drill")
     rows = [
-        ("surges started", [s for s in events["surges"] if s.phase == "start"]),
+        ("surges started", [s for s in events["surges"] if s.phase == "start" and s.kind == "surge"]),
+        ("canary findings (a version worse than its predecessor)",
+         [s for s in events["surges"] if s.phase == "start" and s.kind == "canary"]),
         ("incidents declared by policy", [e for e in incidents if e.transition == "declared" and e.declared_by == "policy"]),
         ("incidents declared by a person", [e for e in incidents if e.transition == "declared" and e.declared_by != "policy"]),
         ("incidents resolved", [e for e in incidents if e.transition == "resolved"]),

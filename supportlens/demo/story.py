@@ -67,7 +67,8 @@ def outage_story(window: IncidentWindow, incidents: Sequence[IncidentEvent], sur
     incident_id = declared.incident_id
     resolved = next((e for e in incidents if e.incident_id == incident_id and e.transition == "resolved"), None)
     root = latest[incident_id].root_key
-    surge = next((s for s in surges if s.phase == "start" and not s.drill and f"{s.dimension}={s.value}" == root
+    surge = next((s for s in surges if s.phase == "start" and s.kind == "surge" and not s.drill
+                  and f"{s.dimension}={s.value}" == root
                   and s.started_at_us >= declared.started_at_us - 60 * US), None)
     mine = [n for n in notices if n.incident_id == incident_id]
     return OutageStory(window, declared, latest[incident_id], resolved, surge,

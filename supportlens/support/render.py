@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 
 from rich.console import Group
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -130,13 +131,22 @@ def counts_table(counts: TableCounts, where: str) -> Fitted:
 def incidents_table(shown: Sequence[IncidentEvent]) -> Fitted:
     """Each incident's latest transition (``supportlens incidents``)."""
     table = Table("incident", "state", "severity", "started (UTC)", "what", "users", "teams", "latest reason",
-                  title=f"incidents: {sum(e.transition != 'resolved' for e in shown)} open")
+                  "suspect change", title=f"incidents: {sum(e.transition != 'resolved' for e in shown)} open")
     for event in shown:
         started = datetime.fromtimestamp(event.started_at_us / 1e6, tz=timezone.utc).strftime("%m-%d %H:%M:%S")
         table.add_row(event.incident_id, event.transition + (" (drill)" if event.drill else ""), event.severity,
                       started, f"{event.title}\n{event.root_key}", f"{event.affected_users:,}", ", ".join(event.teams),
-                      event.reason)
-    return fit(table, ids={"incident"}, optional=("teams", "users"))
+                      event.reason, _suspects(event))
+    return fit(table, ids={"incident"}, optional=("teams", "users", "suspect change"))
+
+
+def _suspects(event: IncidentEvent) -> str:
+    """The likeliest change in full, with its id for ``supportlens changes``; how many more."""
+    if not event.suspects:
+        return ""
+    top = event.suspects[0]
+    more = len(event.suspects) - 1
+    return escape(f"{top.reason} [{top.change_id}]" + (f" (+{more} more)" if more else ""))
 
 
 def accounts_table(accounts: Sequence[Account]) -> Fitted:
