@@ -14,6 +14,7 @@ from dashboards.common import (
     APP_VERSION, REGION, SERVICE, Dashboard, Panel, Sql, change_annotation, in_selection, row, stat, table,
     timeseries,
 )
+from supportlens.store.funnels import Funnel, levels_sql, literal, load_funnels
 
 UID = "supportlens-problem-trends"
 # The panels' common WHERE: the time range, no drills, the region / service / app version chosen.
@@ -115,6 +116,42 @@ def top_by_platform() -> Panel:
     return _top_by("Top problems by platform", "Operating system of the client app.", ("platform",), "platform")
 
 
+def _funnel_rows(funnel: Funnel) -> str:
+    """One funnel per app version and platform: users entering, completing, and the step most drop at
+    (the largest loss against the step before; the same rule as ``supportlens funnels``)."""
+    n = len(funnel.steps)
+    later = ", ".join(literal(step) for step in funnel.steps[1:])
+    where = " AND ".join(["$__timeFilter(ts)", in_selection("region", "region"), in_selection("app_version", "app_version")])
+    worst = "arrayFirstIndex(x -> x = arrayMax(losses), losses)"
+    return f"""
+        SELECT {literal(funnel.name)} AS funnel, app_version, platform,
+               arrayMap(k -> arrayCount(l -> l >= k, groupArray(level)), range(1, {n + 1})) AS reached,
+               arrayMap(i -> reached[i - 1] - reached[i], range(2, {n + 1})) AS losses,
+               reached[1] AS entered, reached[{n}] AS completed,
+               if(arrayMax(losses) > 0, [{later}][{worst}], '') AS drops_most_at,
+               if(arrayMax(losses) > 0, arrayMax(losses) / reached[{worst}], 0) AS drop_share
+        FROM ({levels_sql(funnel, ("app_version", "platform"), where)})
+        WHERE level > 0
+        GROUP BY app_version, platform"""
+
+
+def funnels() -> Panel:
+    """Where users get stuck: the funnels of supportlens/store/funnels.toml (issue #18)."""
+    union = "\n        UNION ALL".join(_funnel_rows(f) for f in load_funnels())
+    return table(
+        "Where users get stuck (funnels)",
+        "Per funnel of funnels.toml, app version and platform: consented users who entered, who completed, "
+        "and the step most of them never reached (share of those at the step before). Users who withdrew "
+        "consent are left out. `supportlens funnels` adds every step and the period before.",
+        Sql(f"""
+            SELECT funnel, app_version, platform, entered, completed, drops_most_at, drop_share FROM ({union}
+            )
+            ORDER BY funnel, drop_share DESC, entered DESC
+            LIMIT 60
+        """, ("funnel", "app_version", "platform", "entered", "completed", "drops_most_at", "drop_share")),
+        gauges=("drop_share",), units={"drop_share": "percentunit"}, width=24, height=10)
+
+
 def dashboard() -> Dashboard:
     return Dashboard(
         UID, "supportlens · Global problem trends",
@@ -124,6 +161,8 @@ def dashboard() -> Dashboard:
             requests_by_class(), users_by_class(),
             row("Where problems are"),
             top_by_service(), top_by_region(), top_by_network(), top_by_app_version(), top_by_platform(),
+            row("Where users get stuck"),
+            funnels(),
         ),
         variables=(REGION, SERVICE, APP_VERSION),
         annotations=(change_annotation(),),

@@ -15,7 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from supportlens.cli_changes import changes_app
+from supportlens.cli_funnels import funnels
 from supportlens.cli_reports import report_app
+from supportlens.cli_support import paths as paths_verb
 from supportlens.config import Settings, load_settings
 from supportlens.contracts import KIND_NAMES, InvalidRecord, decode
 from supportlens.errors import UserError
@@ -43,6 +45,8 @@ gateway_key_app = typer.Typer(help="API keys of the client apps that send to the
 app.add_typer(gateway_key_app, name="gateway-key")
 app.add_typer(report_app, name="report")
 app.add_typer(changes_app, name="changes")
+app.command("funnels")(funnels)
+app.command("paths")(paths_verb)
 
 console = Console()
 err_console = Console(stderr=True)

@@ -5,7 +5,8 @@ expands it (``grafana_sql.expand``), and returns the columns its panel reads.
 The data: two simulated days at 04:00 UTC, replayed through the pipeline's own pure
 functions (correlation, diagnosis, surge detection, declaration policy) and stored through
 the sink's row mapping — a payment outage that is declared and resolved, and an ISP outage
-cut off while its incident is still open. Changes have no producer in the replay: the test
+cut off while its incident is still open; the runs' behaviour events (consented users walking
+the funnels) feed the funnels panel. Changes have no producer in the replay: the test
 writes those a CI/CD pipeline would post around the runs, and some the annotation must
 leave out (a drill, one over before the range). Notifications and their deliveries have no
 producer yet (VIP notices are issue #6): the test writes the outbox rows that producer
@@ -38,7 +39,7 @@ from streams.offline import replay
 from streams.surge import SurgeParams
 from supportlens.cli_changes import describe
 from supportlens.contracts import (
-    Change, CorrelatedRequest, DeliveryAttempt, FaultReport, IncidentEvent, Notification, Span, SurgeEvent,
+    BehaviourEvent, Change, CorrelatedRequest, DeliveryAttempt, FaultReport, IncidentEvent, Notification, Span, SurgeEvent,
 )
 from supportlens.simulator.generate import Plan, Simulation
 from supportlens.simulator.scenarios import scenario
@@ -59,6 +60,7 @@ class Run:
     requests: list[CorrelatedRequest]
     reports: list[FaultReport]
     out: Outputs
+    behaviour: list[BehaviourEvent]
 
 
 def _run(name: str, start_us: int, world: World, until_fraction: float = 1.0) -> Run:
@@ -73,7 +75,8 @@ def _run(name: str, start_us: int, world: World, until_fraction: float = 1.0) ->
     requests = [build_request(request_id, state, CATALOG) for request_id, state in pending.items()]
     reports = [e.record for e in emits if isinstance(e.record, FaultReport)]
     out = replay(((e.ts_us, e.record) for e in emits), CATALOG, load_policy(), ENGINE)
-    return Run(requests, reports, out)
+    behaviour = [e.record for e in emits if isinstance(e.record, BehaviourEvent)]
+    return Run(requests, reports, out, behaviour)
 
 
 def _vip_outbox(run: Run, world: World) -> tuple[list[Notification], list[DeliveryAttempt]]:
@@ -175,6 +178,7 @@ def loaded(clickhouse_target, tmp_path_factory) -> Iterator[Loaded]:
             diagnose_report(r, by_id.get(primary_request_id(r)), CATALOG, r.received_at_us + US) for r in run.reports])
         insert_records(client, "surges", run.out.surges)
         insert_records(client, "incidents", run.out.incidents)
+        insert_records(client, "behaviour", run.behaviour)  # the funnels panel's (issue #18)
         run_notices, run_attempts = _vip_outbox(run, world)
         notices += run_notices
         attempts += run_attempts

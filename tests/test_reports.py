@@ -31,10 +31,11 @@ from streams.notices import Notifier, load_templates
 from streams.offline import replay
 from streams.surge import SurgeParams
 from supportlens.config import load_settings
-from supportlens.contracts import FaultReport, Span
+from supportlens.contracts import BehaviourEvent, FaultReport, Span
 from supportlens.reports import html, markdown
 from supportlens.reports.document import daily_document
 from supportlens.reports.write import write_daily
+from supportlens.simulator.behaviour import STUCK
 from supportlens.simulator.generate import Plan, Simulation
 from supportlens.simulator.labels import ReportLabel
 from supportlens.simulator.scenarios import scenario
@@ -106,6 +107,7 @@ def filled(clickhouse_target, tmp_path_factory) -> Day:
         insert_records(client, "surges", out.surges)
         insert_records(client, "incidents", out.incidents)
         insert_records(client, "notifications", out.notifications)
+        insert_records(client, "behaviour", [r for _, r in records if isinstance(r, BehaviourEvent)])
         if plan.start_us >= at(day, 0):
             truth += Counter(label.expected_class for label in labels if isinstance(label, ReportLabel))
             diagnosed += Counter(d.diagnosis.cls for d in diagnoses)
@@ -302,6 +304,13 @@ def test_the_weekly_perception_report_compares_the_week_with_the_one_before(fill
     assert top.requests == filled.failed_by_problem[("server_error", "payment")] > 10 * top.before > 0
     assert [i.incident_id for i in week.incidents] == [i.incident_id for i in daily.incidents]
     assert week.catalogue and week.catalogue[0].diagnosis_class == "server_error"
+    # where users get stuck: the simulator's stuck step (one app version on one platform), against the baseline week
+    stuck = STUCK
+    checkout = next(f for f in week.funnels if f.funnel == stuck.funnel)
+    assert checkout.entered > 100 and checkout.completed_before is not None and checkout.drop_step != stuck.step
+    assert [(s.app_version, s.platform, s.drop_step) for s in checkout.stuck] == [
+        (stuck.app_version, stuck.platform, stuck.step)]
+    assert all(not f.stuck for f in week.funnels if f.funnel != stuck.funnel)
     month = perception_figures(filled.client, "month", filled.day)
     assert month.first_day == filled.day.replace(day=1).isoformat() and month.last_day == filled.day.isoformat()
     with pytest.raises(LookupInputError, match="no 'year' period"):
@@ -312,6 +321,8 @@ def test_the_weekly_perception_report_compares_the_week_with_the_one_before(fill
         document = perception_document(week, locale, filled.database)
         [page, text] = write_report(document, f"perception-week-{week.last_day}", tmp_path)
         assert top.service in text.read_text(encoding="utf-8") and "plotly" in page.read_text(encoding="utf-8")
+        said = {"en": f"{stuck.app_version} on {stuck.platform}: ", "zh-CN": f"{stuck.platform} 上的 {stuck.app_version}："}
+        assert said[locale] in text.read_text(encoding="utf-8") and stuck.step in text.read_text(encoding="utf-8")
     assert shutil.which("chromium"), "deploy/local/services.sh (make test) installs chromium"
     dom = subprocess.run(["chromium", "--headless=new", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=8000",
                           "--enable-logging=stderr", "--v=0", f"--user-data-dir={tmp_path / 'chromium'}",

@@ -157,3 +157,35 @@ def test_bad_simulator_options_are_user_errors(options, message):
     with pytest.raises(UserError) as caught:
         plan_for(options)
     assert message in caught.value.message
+
+
+def test_behaviour_paths_walk_the_funnels_and_leave_the_traffic_as_it_was(monkeypatch):
+    from supportlens.contracts import BehaviourEvent
+    from supportlens.simulator.behaviour import FUNNEL_PATHS, STUCK, WITHDRAWN, BehaviourPaths
+
+    sim, events, _ = run("bad-release", duration=300, rate=200)
+    truth = sim.summary().behaviour
+    users = {u.user_id: u for u in sim.world.users}
+    behaviour = [e.record for e in events if isinstance(e.record, BehaviourEvent)]
+    withdrawn = {w.user_id: w.at_us for w in truth.withdrawn}
+    assert withdrawn and truth.sessions > 100 and sim.summary().counts["behaviour"] == len(behaviour)
+    assert (truth.stuck.funnel, truth.stuck.step, truth.stuck.app_version, truth.stuck.platform) == (
+        STUCK.funnel, STUCK.step, STUCK.app_version, STUCK.platform)
+    assert truth.stuck.drop_step == STUCK.step != next(f.drop_step for f in truth.funnels if f.funnel == STUCK.funnel)
+    steps = {action: path.name for path in FUNNEL_PATHS for action, _ in path.steps}
+    sessions: dict[str, list[str]] = defaultdict(list)
+    for event in behaviour:
+        assert users[event.user_id].consented  # never a user without consent
+        assert event.user_id not in withdrawn or event.ts_us <= withdrawn[event.user_id]
+        assert event.ts_us < sim.summary().end_us
+        if event.name in steps:
+            sessions[event.attributes["session_id"]].append(event.name)
+    assert sum(1 for e in behaviour if e.name == WITHDRAWN) == len(withdrawn)
+    for walked in sessions.values():  # each session walks one funnel from its first step, in order
+        path = next(p for p in FUNNEL_PATHS if p.name == steps[walked[0]])
+        assert walked == [action for action, _ in path.steps][:len(walked)]
+    # the traffic does not depend on the behaviour paths: without any session it is the same, byte for byte
+    monkeypatch.setattr(BehaviourPaths, "start_sessions", lambda self, t0, rates: None)
+    _, without, _ = run("bad-release", duration=300, rate=200)
+    assert [encode(e.record) for e in events if not isinstance(e.record, BehaviourEvent)] == [
+        encode(e.record) for e in without if not isinstance(e.record, BehaviourEvent)]

@@ -169,11 +169,29 @@ def perception_document(figures: PerceptionFigures, locale: str, database: str) 
         sections.append(Section(w["catalogue"], w["catalogue_note"], table=Table(
             [w["class"], w["code"], w["entry"], w["count"]],
             [[c.diagnosis_class, c.code, c.title, f"{c.reports:,}"] for c in figures.catalogue])))
+    sections.append(_funnels(figures, w))
     intro = w["perception_intro"].format(first=figures.first_day, last=figures.last_day,
                                          requests=f"{now.requests:,}", reports=f"{now.reports:,}",
                                          users=f"{now.users:,}")
     title = w[f"perception_title_{figures.period}"].format(first=figures.first_day, last=figures.last_day)
     return Document(locale, title, intro, sections, w["footer"].format(database=database))
+
+
+def _funnels(figures: PerceptionFigures, w: dict) -> Section:
+    """Where users get stuck: each funnel, and the app versions and platforms stuck elsewhere."""
+    lines = [f for f in figures.funnels if f.entered]
+    if not lines:
+        return Section(w["funnels"], w["funnels_none"])
+    rows = []
+    for f in lines:
+        stuck = "; ".join(w["stuck_line"].format(app_version=s.app_version, platform=s.platform, step=s.drop_step,
+                                                 share=f"{s.drop_share:.0%}", users=f"{s.entered:,}")
+                          for s in f.stuck)
+        rows.append([f.funnel, f"{f.entered:,}", f"{f.completed_share:.0%}",
+                     "—" if f.completed_before is None else f"{f.completed_before:.0%}",
+                     f"{f.drop_step} (−{f.drop_share:.0%})" if f.drop_step else "—", stuck or "—"])
+    return Section(w["funnels"], w["funnels_note"], table=Table(
+        [w["funnel"], w["entered"], w["completed"], w["period_before"], w["drops_most_at"], w["stuck_elsewhere"]], rows))
 
 
 def _incident_timing(incidents: list[IncidentLine], w: dict) -> Section:

@@ -23,6 +23,7 @@ import msgspec
 
 from supportlens.contracts import BehaviourEvent, Change, FaultReport, Record, Span
 from supportlens.simulator import scenarios as sc
+from supportlens.simulator.behaviour import BehaviourPaths
 from supportlens.simulator.labels import (
     ChangeLabel, IncidentWindow, ReportLabel, RequestLabel, RolloutLabel, RolloutStep, RunLabel,
 )
@@ -197,6 +198,8 @@ class Simulation:
         for posted, change, _ in plan.change_posts():
             second = min(max(0, (posted - plan.start_us) // SECOND_US), plan.duration_s - 1)
             self.change_posts[second].append(change)
+        # behaviour paths draw from a generator of their own: the traffic is the same with or without them
+        self.behaviour = BehaviourPaths(plan.seed, plan.scenario.name, plan.start_us, plan.duration_s, world)
 
     # ---- ids -------------------------------------------------------------------
     def _hex(self, bits: int) -> str:
@@ -221,9 +224,11 @@ class Simulation:
                 tick.events.append(Emit("changes", change.change_id, change.started_at_us, change))
                 self.counts["changes"] += 1
             utc_hour = (t0 / 3_600_000_000) % 24
+            rates: dict[str, float] = {}
             for region_name, users in self.by_region.items():
                 share = len(users) / total_users
                 factor = seasonal_factor(utc_hour, users[0].region.utc_offset_h)
+                rates[region_name] = plan.rate * share * factor
                 n = _poisson(self.rng, plan.rate * share * factor)
                 for _ in range(n):
                     user = self.rng.choice(users)
@@ -235,11 +240,15 @@ class Simulation:
                     user = self.rng.choice(self.burst_users)
                     self._request(tick, user, t0 + self.rng.randrange(SECOND_US), burst_op)
             self._release_reports(tick, t0 + SECOND_US)
+            self.behaviour.start_sessions(t0, rates)
+            self._release_behaviour(tick, t0 + SECOND_US)
             tick.events.sort(key=lambda e: e.ts_us)
             yield tick
-        # reports filed after the last second still arrive: the run is not cut short
+        # reports filed after the last second still arrive: the run is not cut short (nor are sessions)
         tail = Tick(plan.duration_s)
         self._release_reports(tail, math.inf)
+        self._release_behaviour(tail, math.inf)
+        tail.events.sort(key=lambda e: e.ts_us)
         if tail.events:
             yield tail
 
@@ -293,6 +302,7 @@ class Simulation:
             misuse_account=self.world.misuse_account,
             rollout=rollout_label,
             changes=changes,
+            behaviour=self.behaviour.label(),
         )
 
     # ---- one request -----------------------------------------------------------------
@@ -363,19 +373,21 @@ class Simulation:
             )
         )
         if user.consented and self.rng.random() < 0.2:
-            event = BehaviourEvent(
-                event_id=self._uuid(),
-                user_id=user.user_id,
-                account_id=user.account_id,
-                ts_us=ts,
-                name="screen_view",
-                screen=op.screen,
-                app_version=user.app_version,
-                platform=user.platform,
-                region=user.region.name,
-            )
-            tick.events.append(Emit("behaviour", user.user_id, ts, event))
-            self.counts["behaviour"] += 1
+            event_id = self._uuid()  # drawn even when not sent (consent withdrawn): the traffic after it stays the same
+            if self.behaviour.allows(user.user_id, ts):
+                event = BehaviourEvent(
+                    event_id=event_id,
+                    user_id=user.user_id,
+                    account_id=user.account_id,
+                    ts_us=ts,
+                    name="screen_view",
+                    screen=op.screen,
+                    app_version=user.app_version,
+                    platform=user.platform,
+                    region=user.region.name,
+                )
+                tick.events.append(Emit("behaviour", user.user_id, ts, event))
+                self.counts["behaviour"] += 1
         self._maybe_report(user, fault.cls, request_id, client_span, ts, in_window)
 
     def _pick_operation(self) -> Operation:
@@ -556,6 +568,11 @@ class Simulation:
         )
         self._seq += 1
         heapq.heappush(self.pending, (received, self._seq, Emit("fault-reports", report_id, received, report), label))
+
+    def _release_behaviour(self, tick: Tick, until: float) -> None:
+        for event in self.behaviour.due(until):
+            tick.events.append(Emit("behaviour", event.user_id, event.ts_us, event))
+            self.counts["behaviour"] += 1
 
     def _release_reports(self, tick: Tick, until: float) -> None:
         while self.pending and self.pending[0][0] < until:

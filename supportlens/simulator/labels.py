@@ -79,6 +79,46 @@ class ChangeLabel(msgspec.Struct, kw_only=True):
     records: int  # records sent for it (a rollout is posted when it starts and again when it finishes)
 
 
+class FunnelStepLabel(msgspec.Struct, kw_only=True):
+    step: str  # the behaviour event's name (the action)
+    screen: str
+    drop_share: float  # of the users at the step before, the share who never reach this one (0: the first step)
+
+
+class FunnelPathLabel(msgspec.Struct, kw_only=True):
+    """A funnel simulated users walk, and where most of them drop (everyone but the stuck users)."""
+
+    funnel: str
+    steps: list[FunnelStepLabel]
+    sessions: int  # sessions started on it in the run
+    drop_step: str  # the step most users who enter never reach (the largest expected loss)
+
+
+class StuckStepLabel(msgspec.Struct, kw_only=True):
+    """The one stuck step: users of ``app_version`` on ``platform`` mostly never reach ``step``."""
+
+    funnel: str
+    step: str
+    app_version: str
+    platform: str
+    drop_share: float  # of those users at the step before, the share who never reach it
+    drop_step: str  # where most of those users drop: ``step``
+
+
+class WithdrawalLabel(msgspec.Struct, kw_only=True):
+    user_id: str
+    at_us: int  # the time of their ``consent_withdrawn`` event: no behaviour of theirs after it
+
+
+class BehaviourLabel(msgspec.Struct, kw_only=True):
+    """Ground truth of the behaviour paths (issue #18): funnels, the stuck step, who withdrew consent."""
+
+    sessions: int
+    funnels: list[FunnelPathLabel]
+    stuck: StuckStepLabel
+    withdrawn: list[WithdrawalLabel]
+
+
 class RunLabel(msgspec.Struct, kw_only=True, omit_defaults=True, tag="run", tag_field="kind"):
     scenario: str
     seed: int
@@ -99,6 +139,7 @@ class RunLabel(msgspec.Struct, kw_only=True, omit_defaults=True, tag="run", tag_
     # only scenarios with changes (bad-deploy) write these; omitted otherwise
     rollout: RolloutLabel | None = None
     changes: list[ChangeLabel] = []
+    behaviour: BehaviourLabel | None = None  # behaviour paths of consented users (every scenario)
 
 
 Label = RequestLabel | ReportLabel | RunLabel
@@ -122,8 +163,14 @@ def read_run(path: Path) -> RunLabel:
     with path.open("rb") as handle:
         handle.seek(0, 2)
         size = handle.tell()
-        handle.seek(max(0, size - 65536))
-        last = handle.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        back = 65536
+        while True:  # the run line lists who withdrew consent: it may be longer than one read back
+            handle.seek(max(0, size - back))
+            tail = handle.read().rstrip(b"\n")
+            if b"\n" in tail or back >= size:
+                break
+            back *= 4
+        last = tail.rsplit(b"\n", 1)[-1]
     label = _decoder.decode(last)
     if not isinstance(label, RunLabel):
         raise ValueError(f"{path} is incomplete: its last line is not the run summary")

@@ -18,6 +18,7 @@ import msgspec
 from clickhouse_connect.driver.client import Client
 
 from supportlens.errors import UserError
+from supportlens.store.paths import PathStep, path_before
 
 KeyKind = Literal["ip", "user", "account"]
 KEY_COLUMNS: dict[str, str] = {"ip": "client_ip", "user": "user_id", "account": "account_id"}
@@ -216,6 +217,7 @@ class ReportDetail(msgspec.Struct, frozen=True, kw_only=True):
     explanation: str = ""
     action: str = ""
     doc_url: str = ""
+    path: list[PathStep] = []  # the user's consented behaviour and requests in the 10 minutes before
 
 
 class ProblemRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -384,7 +386,8 @@ def report_detail(client: Client, report_id: str) -> ReportDetail:
                     request_ids=list(d[12]))
     diagnosis = dict(diagnosed=True, diagnosis_class=d[0], diagnosis_service=d[1], diagnosis_team=d[2],
                      title=d[3], explanation=d[4], action=d[5], doc_url=d[6]) if d else {}
-    return ReportDetail(report_id=report_id, found=True, **base, **diagnosis)
+    before = path_before(client, str(base.get("user_id", "")), int(base["received_at_us"]))  # type: ignore[arg-type]
+    return ReportDetail(report_id=report_id, found=True, **base, **diagnosis, path=before)
 
 
 def top_problems(client: Client, by: str, since_us: int, until_us: int, limit: int = 20,

@@ -7,6 +7,10 @@ the problems that grew and shrank most, the incidents with their time to declare
 resolve, the share of reports the product answered without a person (diagnosed with a
 catalogued explanation) — the number that shows support cost going down — and the catalogue
 entries most often hit, the candidates for a product or documentation fix. Drills left out.
+Where users get stuck (issue #18): per funnel of ``funnels.toml``, the consented users who
+entered, the share who completed against the period before, the step most never reached, and
+the app versions and platforms that drop most at another step (users who withdrew consent
+left out, see ``supportlens.store.funnels``).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import msgspec
 from clickhouse_connect.driver.client import Client
 
 from supportlens.store.daily import DAY_US, IncidentLine, incident_lines
+from supportlens.store.funnels import funnel_report, load_funnels, stuck_groups
 from supportlens.store.lookup import LookupInputError
 
 PERIODS = ("week", "month")
@@ -55,6 +60,25 @@ class CatalogueHit(msgspec.Struct, frozen=True):
     reports: int
 
 
+class StuckLine(msgspec.Struct, frozen=True):
+    app_version: str
+    platform: str
+    entered: int
+    drop_step: str
+    drop_share: float
+
+
+class FunnelLine(msgspec.Struct, frozen=True):
+    funnel: str
+    description: str
+    entered: int
+    completed_share: float
+    completed_before: float | None  # None: nobody entered in the period before
+    drop_step: str
+    drop_share: float
+    stuck: list[StuckLine]  # app version and platform that drop most at another step than everyone
+
+
 class PerceptionFigures(msgspec.Struct, frozen=True):
     period: str  # week | month
     first_day: str
@@ -66,6 +90,7 @@ class PerceptionFigures(msgspec.Struct, frozen=True):
     shrunk: list[Moved]
     incidents: list[IncidentLine]
     catalogue: list[CatalogueHit]
+    funnels: list[FunnelLine] = []
 
 
 def period_days(period: str, day: date) -> tuple[date, date]:
@@ -125,7 +150,23 @@ def perception_figures(client: Client, period: str, day: date, limit: int = 5) -
         parameters=window).result_rows]
     return PerceptionFigures(period=period, first_day=first.isoformat(), last_day=last.isoformat(), days=days,
                              totals=totals, before=before, grown=grown[:limit], shrunk=shrunk[:limit],
-                             incidents=incident_lines(client, since, until), catalogue=catalogue)
+                             incidents=incident_lines(client, since, until), catalogue=catalogue,
+                             funnels=funnel_lines(client, since, until))
+
+
+def funnel_lines(client: Client, since: int, until: int) -> list[FunnelLine]:
+    """The funnels of the period, per app version and platform, against the period before."""
+    report = funnel_report(client, load_funnels(), since, until, ("app_version", "platform"))
+    lines = []
+    for result in report.funnels:
+        now, before = result.total.now, result.total.before
+        lines.append(FunnelLine(
+            funnel=result.funnel, description=result.description, entered=now.entered,
+            completed_share=now.completed_share, completed_before=before.completed_share if before.entered else None,
+            drop_step=now.drop_step, drop_share=now.drop_share,
+            stuck=[StuckLine(g.group["app_version"], g.group["platform"], g.now.entered, g.now.drop_step,
+                             g.now.drop_share) for g in stuck_groups(result)]))
+    return lines
 
 
 def _totals(client: Client, since: int, until: int) -> Totals:

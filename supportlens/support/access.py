@@ -16,9 +16,11 @@ from clickhouse_connect.driver.client import Client
 from supportlens import store
 from supportlens.config import Settings
 from supportlens.errors import UserError
-from supportlens.store import account_report, changes, daily, lookup, perception, recorded
+from supportlens.store import account_report, changes, daily, funnels, lookup, paths, perception, recorded
 from supportlens.store.account_report import AccountFigures
 from supportlens.store.changes import RecentChanges
+from supportlens.store.funnels import FunnelReport
+from supportlens.store.paths import CommonPaths
 from supportlens.store.daily import DailyFigures
 from supportlens.store.perception import PerceptionFigures
 from supportlens.store.lookup import ReportDetail, RequestChain, Timeline, TopProblems
@@ -40,6 +42,8 @@ class Support(Protocol):
     def perception_figures(self, period: str, day: str) -> PerceptionFigures: ...
     def account_figures(self, account_id: str, period: str, day: str) -> AccountFigures: ...
     def recent_changes(self, since_us: int, until_us: int, service: str, limit: int) -> RecentChanges: ...
+    def common_paths(self, since_us: int, until_us: int, steps: int) -> CommonPaths: ...
+    def funnel_report(self, funnels_toml: str, funnel: str, since_us: int, until_us: int, by: str) -> FunnelReport: ...
 
 
 class DirectSupport:
@@ -83,6 +87,13 @@ class DirectSupport:
 
     def recent_changes(self, since_us: int, until_us: int, service: str, limit: int) -> RecentChanges:
         return changes.recent_changes(self.client, since_us, until_us, service, limit)
+
+    def common_paths(self, since_us: int, until_us: int, steps: int) -> CommonPaths:
+        return paths.common_paths(self.client, since_us, until_us, steps)
+
+    def funnel_report(self, funnels_toml: str, funnel: str, since_us: int, until_us: int, by: str) -> FunnelReport:
+        chosen = funnels.pick(funnels.parse_funnels(funnels_toml), funnel)
+        return funnels.funnel_report(self.client, chosen, since_us, until_us, funnels.parse_by(by))
 
 
 class RemoteSupport:
@@ -152,6 +163,16 @@ class RemoteSupport:
     def recent_changes(self, since_us: int, until_us: int, service: str, limit: int) -> RecentChanges:
         return self._get("/v1/changes", {"since_us": since_us, "until_us": until_us, "service": service,
                                          "limit": limit}, RecentChanges)
+
+    def common_paths(self, since_us: int, until_us: int, steps: int) -> CommonPaths:
+        return self._get("/v1/paths", {"since_us": since_us, "until_us": until_us, "steps": steps}, CommonPaths)
+
+    def funnel_report(self, funnels_toml: str, funnel: str, since_us: int, until_us: int, by: str) -> FunnelReport:
+        from supportlens.store.funnels import FUNNELS_PATH
+
+        packaged = funnels_toml == FUNNELS_PATH.read_text(encoding="utf-8")
+        return self._get("/v1/funnels", {"funnels": "" if packaged else funnels_toml, "funnel": funnel,
+                                         "since_us": since_us, "until_us": until_us, "by": by}, FunnelReport)
 
 
 def _day(text: str) -> date:

@@ -2,7 +2,7 @@
 
 Endpoints (all GET): ``/v1/timeline?ip=|user=|account=&since=24h&until=now&limit=200``,
 ``/v1/request?id=``, ``/v1/report?id=``, ``/v1/top?by=service&since=7d``, ``/v1/tables``,
-``/v1/changes?since=24h&service=``,
+``/v1/changes?since=24h&service=``, ``/v1/paths?since=7d&steps=3``, ``/v1/funnels?since=7d&by=app_version&funnel=``,
 ``/healthz`` and ``/metrics``; for drills ``/v1/incident?id=`` and the recorded records of a
 window, a page at a time: ``/v1/recorded/spans`` and ``/v1/recorded/reports``
 (``since_us``, ``until_us``, ``after`` = the previous page's ``next``, ``limit``). A bad input
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SUPPORT: web.AppKey[Support] = web.AppKey("support", object)  # type: ignore[arg-type]
 _encoder = msgspec.json.Encoder()
+MAX_FUNNELS_TEXT = 6_000  # a --file of one's own travels in the query string (aiohttp's line limit is 8 KB)
 
 
 def _json(value: Any, status: int = 200) -> web.Response:
@@ -160,6 +161,31 @@ async def recent_changes(request: web.Request) -> web.Response:
     return await _run(request, call)
 
 
+async def funnel_report(request: web.Request) -> web.Response:
+    query = request.query
+
+    def call(support: Support) -> Any:
+        from supportlens.store.funnels import FUNNELS_PATH
+
+        since, until = _window(query, "7d")
+        text = query.get("funnels") or FUNNELS_PATH.read_text(encoding="utf-8")
+        if len(text) > MAX_FUNNELS_TEXT:
+            raise LookupInputError(f"the funnels file is {len(text):,} characters, over {MAX_FUNNELS_TEXT:,}")
+        return support.funnel_report(text, query.get("funnel", ""), since, until, query.get("by", "app_version"))
+
+    return await _run(request, call)
+
+
+async def common_paths(request: web.Request) -> web.Response:
+    query = request.query
+
+    def call(support: Support) -> Any:
+        since, until = _window(query, "7d")
+        return support.common_paths(since, until, _int(query, "steps", 3) or 3)
+
+    return await _run(request, call)
+
+
 async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
 
@@ -180,6 +206,8 @@ def build_support_app(support: Support, registry: CollectorRegistry) -> web.Appl
     app.router.add_get("/v1/reports/perception", perception_report)
     app.router.add_get("/v1/reports/account", account_report)
     app.router.add_get("/v1/changes", recent_changes)
+    app.router.add_get("/v1/paths", common_paths)
+    app.router.add_get("/v1/funnels", funnel_report)
     app.router.add_get("/healthz", healthz)
     app.router.add_routes([metrics_route(registry)])
     return app

@@ -13,6 +13,7 @@ from rich.text import Text
 
 from supportlens.contracts import Account, IncidentEvent
 from supportlens.fit import Fitted, fit
+from supportlens.store.paths import CommonPaths, summary
 from supportlens.store import TableCounts
 from supportlens.store.lookup import ReportDetail, RequestChain, Timeline, TopProblems
 
@@ -103,6 +104,8 @@ def report_view(report: ReportDetail) -> Panel | Text:
     if report.diagnosed:
         rows += [("told the user", report.title), ("", report.explanation), ("suggested", report.action),
                  ("doc", report.doc_url or "—")]
+    rows.append(("before it", summary(report.path) if report.path
+                 else "no consented behaviour in the 10 minutes before"))
     for label, value in rows:
         grid.add_row(label, value)
     return Panel(grid, title=f"fault report {report.report_id}", title_align="left")
@@ -156,3 +159,17 @@ def accounts_table(accounts: Sequence[Account]) -> Fitted:
         to = a.webhook_url if a.channel == "webhook" else ", ".join(c.email for c in a.contacts)
         table.add_row(a.account_id, a.name, a.tier, a.locale, a.channel, to)
     return fit(table, ids={"account"}, optional=("locale", "channel"))
+
+
+def paths_table(found: CommonPaths) -> Fitted:
+    """The most common paths into a fault report, per diagnosis class (``supportlens paths``)."""
+    table = Table("diagnosis", "the last steps before the report", "reports", "share of the class",
+                  title=f"paths into fault reports, {when(found.since_us)} → {when(found.until_us)}",
+                  title_justify="left")
+    for row in found.paths:
+        table.add_row(_cls(row.diagnosis_class), " → ".join(row.path), f"{row.reports:,}", f"{row.share:.0%}")
+    gone = ", ".join(f"{cls} {n:,}" for cls, n in found.without_path.items())
+    table.caption = ("reports without consented behaviour before them: " + gone) if gone else None
+    if not found.paths:
+        table.caption = "no report with consented behaviour before it in this window"
+    return fit(table, optional=("share of the class",))
