@@ -3,7 +3,8 @@
 While two versions of one service (server spans carry ``service.version``) or of one app on
 one platform (client spans carry ``app_version``) serve traffic at once, the newer is
 compared with the *incumbent* — the version seen first among those still serving (a request
-in the last ``serving_s``) — over the last ``window_s``, class by class: the share of its requests that failed with the class.
+in the last ``serving_s``) — over the last ``window_s``, class by class: the share of its
+requests that failed with the class.
 
 The test is exact at low counts: conditioned on the total failures ``x`` of both versions,
 the newer version's failures follow ``Binomial(x, n_new / (n_new + n_old))`` if both fail
@@ -20,6 +21,7 @@ Everything is plain data (:class:`CanaryState`) kept with the engine's state.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -121,7 +123,8 @@ def upper_tail(k: int, n: int, p: float) -> float:
     return min(1.0, total)
 
 
-def compare(failures: int, requests: int, base_failures: int, base_requests: int, params: CanaryParams) -> tuple[float, bool]:
+def compare(failures: int, requests: int, base_failures: int, base_requests: int,
+            params: CanaryParams) -> tuple[float, bool]:
     """The p-value that the newer version fails no more often than the incumbent, and the verdict."""
     total = failures + base_failures
     p_value = upper_tail(failures, total, requests / (requests + base_requests)) if requests and base_requests else 1.0
@@ -159,7 +162,7 @@ class Canary:
             for cls, n in failed.items():
                 cell[cls] = cell.get(cls, 0) + n
 
-    def evaluate(self, until_us: int, drill: bool, digest) -> list[Finding]:  # type: ignore[no-untyped-def]
+    def evaluate(self, until_us: int, drill: bool, digest: Callable[[str], str]) -> list[Finding]:
         """Compare over the window of buckets that end by ``until_us`` (every bucket before it is
         closed); ``digest`` names new verdicts deterministically."""
         since = until_us - self.params.window_s * 1_000_000
@@ -191,7 +194,7 @@ class Canary:
         return findings
 
     def _decide(self, entry: TargetState, target: str, now: dict[str, Comparison], until_us: int,
-                digest) -> list[Finding]:  # type: ignore[no-untyped-def]
+                digest: Callable[[str], str]) -> list[Finding]:
         out: list[Finding] = []
         for vkey, c in sorted(now.items()):
             if vkey.startswith("calm:"):

@@ -42,6 +42,7 @@ from supportlens.topics import provision
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 SEED, USERS, DURATION = 11, 3000, 300
+ENDED_AGO_S = 180  # the run ended this long ago: its cool-down is behind the worker's clock once read
 SECRET = "whsec-" + uuid.uuid4().hex
 SERVE_ENV = {"SUPPORTLENS_CORRELATION_GRACE_S": "2", "SUPPORTLENS_CORRELATION_SETTLE_S": "0.5",
              "SUPPORTLENS_SURGE_WARMUP_S": "60", "SUPPORTLENS_WORKER_METRICS_PORT": "0"}
@@ -164,7 +165,8 @@ def test_a_drill_of_a_recorded_incident_declares_a_drill_incident_and_messages_n
             # 1. a real payment outage, recorded: declared, resolved, in ClickHouse
             run = simulate(settings, SimulateOptions(
                 "service-outage", rate=50, duration_s=DURATION, seed=SEED, users=USERS, speed=0,
-                start=datetime.now(timezone.utc) - timedelta(seconds=DURATION), labels_path=tmp_path / "labels.jsonl"))
+                start=datetime.now(timezone.utc) - timedelta(seconds=DURATION + ENDED_AGO_S),
+                labels_path=tmp_path / "labels.jsonl"))
             vips = import_vip_accounts(settings, customer, tmp_path / "accounts.csv")
 
             def incidents() -> list[IncidentEvent]:

@@ -56,8 +56,15 @@ def _wait(settings: Settings, worker: WorkerProcess, done, timeout: float = 150)
         time.sleep(1.0)
 
 
+# The runs end this long before now: once their records are read, the worker's clock moves on
+# with the wall clock (streams/signals.py), so the surge's quiet buckets and the cool-down are
+# already behind it and the end is announced at once — stamped with the event time its rule
+# came true, as a live worker would — instead of after two more minutes of waiting.
+ENDED_AGO_S = 180
+
+
 def _run(settings: Settings, tmp_path: Path, scenario: str, speed: float = 0, duration: int = 300) -> RunLabel:
-    start = datetime.now(timezone.utc) - timedelta(seconds=duration / speed if speed else duration)
+    start = datetime.now(timezone.utc) - timedelta(seconds=(duration / speed if speed else duration) + ENDED_AGO_S)
     return simulate(settings, SimulateOptions(scenario, rate=50, duration_s=duration, seed=11, users=3000, speed=speed,
                                               start=start, labels_path=tmp_path / f"{scenario}.jsonl"))
 
@@ -135,7 +142,8 @@ def test_a_worker_killed_during_an_open_incident_does_not_declare_it_again(kafka
     simulation = subprocess.Popen(
         supportlens_cmd("simulate", "--scenario", "service-outage", "--rate", "50", "--duration", "300",
                         "--seed", "11", "--users", "3000", "--speed", "10",
-                        "--start", (datetime.now(timezone.utc) - timedelta(seconds=300)).strftime("%Y-%m-%dT%H:%M:%S"),
+                        "--start", (datetime.now(timezone.utc) - timedelta(seconds=300 + ENDED_AGO_S))
+                        .strftime("%Y-%m-%dT%H:%M:%S"),
                         "--labels", str(tmp_path / "labels.jsonl")),
         env=settings_env(settings), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
