@@ -19,7 +19,6 @@ as before they existed.
 from __future__ import annotations
 
 import heapq
-import math
 import random
 import uuid
 from collections import Counter, defaultdict
@@ -29,6 +28,7 @@ from supportlens.contracts import BehaviourEvent
 from supportlens.simulator.labels import (
     BehaviourLabel, FunnelPathLabel, FunnelStepLabel, StuckStepLabel, WithdrawalLabel,
 )
+from supportlens.simulator.draws import poisson
 from supportlens.simulator.world import User, World
 
 SECOND_US = 1_000_000
@@ -120,7 +120,7 @@ class BehaviourPaths:
             users = self.consented.get(region)
             if not users:
                 continue
-            for _ in range(_poisson(self.rng, rate * SESSION_SHARE)):
+            for _ in range(poisson(self.rng, rate * SESSION_SHARE)):
                 user = self.rng.choice(users)
                 self._session(user, t0_us + self.rng.randrange(SECOND_US))
 
@@ -192,14 +192,3 @@ class BehaviourPaths:
         return BehaviourLabel(sessions=sum(self.sessions.values()), funnels=funnels, stuck=stuck, withdrawn=withdrawn)
 
 
-def _poisson(rng: random.Random, lam: float) -> int:
-    if lam <= 0:
-        return 0
-    if lam > 50:
-        return max(0, round(rng.gauss(lam, math.sqrt(lam))))
-    limit, k, p = math.exp(-lam), 0, 1.0
-    while True:
-        p *= rng.random()
-        if p <= limit:
-            return k
-        k += 1

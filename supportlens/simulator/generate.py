@@ -27,6 +27,7 @@ from supportlens.simulator.behaviour import BehaviourPaths
 from supportlens.simulator.labels import (
     ChangeLabel, IncidentWindow, ReportLabel, RequestLabel, RolloutLabel, RolloutStep, RunLabel,
 )
+from supportlens.simulator.draws import poisson
 from supportlens.simulator.world import OPERATION_BY_NAME, OPERATIONS, SERVICES, Operation, User, World
 
 SECOND_US = 1_000_000
@@ -157,19 +158,6 @@ class Tick:
     labels: list[RequestLabel | ReportLabel] = field(default_factory=list)
 
 
-def _poisson(rng: random.Random, lam: float) -> int:
-    if lam <= 0:
-        return 0
-    if lam > 50:  # normal approximation: exact sampling is slow and indistinguishable here
-        return max(0, round(rng.gauss(lam, math.sqrt(lam))))
-    limit, k, p = math.exp(-lam), 0, 1.0
-    while True:
-        p *= rng.random()
-        if p <= limit:
-            return k
-        k += 1
-
-
 class Simulation:
     """Iterate :meth:`ticks` for the traffic, then read :meth:`summary`."""
 
@@ -229,14 +217,14 @@ class Simulation:
                 share = len(users) / total_users
                 factor = seasonal_factor(utc_hour, users[0].region.utc_offset_h)
                 rates[region_name] = plan.rate * share * factor
-                n = _poisson(self.rng, plan.rate * share * factor)
+                n = poisson(self.rng, plan.rate * share * factor)
                 for _ in range(n):
                     user = self.rng.choice(users)
                     self._request(tick, user, t0 + self.rng.randrange(SECOND_US))
             lo, hi = plan.window_us
             if self.burst_users and lo <= t0 < hi:
                 burst_op = OPERATION_BY_NAME[plan.scenario.burst_operation]
-                for _ in range(_poisson(self.rng, plan.rate * plan.scenario.burst_share)):
+                for _ in range(poisson(self.rng, plan.rate * plan.scenario.burst_share)):
                     user = self.rng.choice(self.burst_users)
                     self._request(tick, user, t0 + self.rng.randrange(SECOND_US), burst_op)
             self._release_reports(tick, t0 + SECOND_US)
