@@ -193,7 +193,7 @@ class SignalAggregator:
                 return  # bounded per flush: a target serving twenty versions at once is not a canary
             known.add(version)
         drill = bool(span.attributes) and is_drill(span.attributes)
-        key = (drill, target, dimension, version, span.start_us - span.start_us % (self.bucket_s * 1_000_000))
+        key = (drill, target, dimension, version, _bucket(span.start_us, self.bucket_us))
         cell = self._versions.get(key)
         if cell is None:
             cell = self._versions[key] = [0, {}]
