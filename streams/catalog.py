@@ -50,6 +50,39 @@ class Thresholds(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     server_time_objective_ms: float = 1500
 
 
+SequenceKind = Literal["reused_key", "missing_precursor", "too_frequent"]
+
+
+class SequenceRule(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A misuse seen only in a sequence of one user's requests and behaviour (``streams.sequences``).
+
+    ``reused_key``: ``operation`` sent with the ``key`` attribute of an earlier one (within
+    ``window_s``) but another ``value`` attribute. ``missing_precursor``: ``operation`` with no
+    ``precursor`` (an operation or a behaviour event) before it in the same session (``scope``
+    "session") or at all within ``window_s`` (``scope`` "user"). ``too_frequent``: ``count``
+    calls of ``operation`` in a row, each less than ``min_interval_s`` after the one before.
+
+    A later failure of the same user counts as the misuse when it comes within
+    ``surfaces_within_s`` of it, looks like one of ``surfaces_as`` and, if ``surfaces_in`` names
+    services, failed in one of them.
+    """
+
+    code: str  # the catalog code it counts as: its wording and doc
+    kind: SequenceKind
+    operation: str
+    surfaces_as: list[DiagnosisClass]
+    surfaces_within_s: float = 3600
+    surfaces_in: list[str] = []
+    window_s: float = 3600
+    key: str = ""
+    value: str = ""
+    precursor: str = ""
+    scope: Literal["session", "user"] = "session"
+    min_interval_s: float = 0
+    count: int = 0
+    grace_s: float = 5.0  # missing_precursor: how long a late precursor may still arrive
+
+
 class Catalog(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     version: int
     docs_base: str
@@ -57,6 +90,7 @@ class Catalog(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     services: dict[str, ServiceEntry]
     classes: dict[DiagnosisClass, ClassEntry]
     codes: dict[str, CodeEntry]
+    sequences: dict[str, SequenceRule] = {}
 
     def team_of(self, service: str) -> str:
         entry = self.services.get(service)
@@ -92,4 +126,25 @@ def load_catalog(path: Path = DEFAULT_PATH) -> Catalog:
     missing = set(CLASSES) - set(catalog.classes)
     if missing:
         raise UserError(f"invalid problem catalog {path}: no wording for classes {sorted(missing)}")
+    for name, rule in catalog.sequences.items():
+        problem = sequence_problem(rule, catalog)
+        if problem:
+            raise UserError(f"invalid problem catalog {path}: sequence {name!r}: {problem}")
     return catalog
+
+
+def sequence_problem(rule: SequenceRule, catalog: Catalog) -> str:
+    """What makes a sequence rule unusable, or "" (pure)."""
+    entry = catalog.codes.get(rule.code)
+    if entry is None or entry.cls != "client_misuse":
+        return f"code {rule.code!r} is not a catalogued client_misuse code"
+    needs = {"reused_key": ("key", "value"), "missing_precursor": ("precursor",),
+             "too_frequent": ("min_interval_s", "count")}[rule.kind]
+    unset = [field for field in needs if not getattr(rule, field)]
+    if unset:
+        return f"a {rule.kind} rule needs {' and '.join(unset)}"
+    if rule.kind == "too_frequent" and rule.count < 2:
+        return "count must be at least 2"
+    if not rule.surfaces_as:
+        return "surfaces_as must name at least one diagnosis class"
+    return ""

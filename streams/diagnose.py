@@ -117,6 +117,13 @@ def diagnose_spans(client: Span | None, servers: list[Span], catalog: Catalog, *
     return Diagnosis(cls="ok", catalog_version=version)
 
 
+def worded(diagnosis: Diagnosis, locale: str, catalog: Catalog, operation: str = "") -> tuple[str, str, str, str]:
+    """What a user is told of a diagnosis, in their locale: title, explanation, action, doc URL."""
+    text, doc_url = catalog.wording(diagnosis.cls, diagnosis.code, locale)
+    fill = {"service": catalog.label_of(diagnosis.service, locale), "operation": operation}
+    return text.title.format(**fill), text.explanation.format(**fill), text.action.format(**fill), doc_url
+
+
 def primary_request_id(report: FaultReport) -> str:
     """The request a report is about: the first it names (the app lists it first); with none
     named, the one request that failed in its client log, if exactly one did."""
@@ -144,9 +151,8 @@ def diagnose_report(
         else:
             diagnosis = Diagnosis(cls="unknown", evidence="no request of this report was seen",
                                   catalog_version=catalog.version)
-    text, doc_url = catalog.wording(diagnosis.cls, diagnosis.code, report.locale)
-    service = catalog.label_of(diagnosis.service, report.locale)
-    fill = {"service": service, "operation": request.operation if request else ""}
+    title, explanation, action, doc_url = worded(diagnosis, report.locale, catalog,
+                                                 request.operation if request else "")
     return DiagnosedReport(
         report_id=report.report_id,
         received_at_us=report.received_at_us,
@@ -162,9 +168,9 @@ def diagnose_report(
         request_ids=report.request_ids,
         primary_request_id=primary,
         diagnosis=diagnosis,
-        title=text.title.format(**fill),
-        explanation=text.explanation.format(**fill),
-        action=text.action.format(**fill),
+        title=title,
+        explanation=explanation,
+        action=action,
         doc_url=doc_url,
         drill=drill,
     )

@@ -45,8 +45,8 @@ from faust.types import TP
 
 from supportlens.config import Settings
 from supportlens.contracts import (
-    Change, ChangeSignal, FaultReport, IncidentCommand, InvalidRecord, MisuseCount, SignalClock, SignalCount, Span,
-    SurgeEvent, VersionCount, decode, decode_signal, encode, is_drill,
+    Change, ChangeSignal, FaultReport, IncidentCommand, InvalidRecord, MisuseCount, ReportStep, SequenceStep,
+    SignalClock, SignalCount, Span, SurgeEvent, VersionCount, decode, decode_signal, encode, is_drill,
 )
 from supportlens.otlp import RequestIdRule
 from supportlens.otlp_records import normalize_export_record
@@ -66,6 +66,8 @@ from streams.outbox import Outbox
 from streams.recall import Recalled, read_emitted
 from streams.dead_letters import dead_letter_headers
 from streams.diagnose import diagnose_report, primary_request_id
+from streams import sequence_agent
+from streams.sequences import explained_classes, user_key, watched
 
 log = logging.getLogger(__name__)
 TICK_S = 0.25
@@ -110,7 +112,8 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
     raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     name = {logical: settings.topic(logical) for logical in (
         "client-spans", "server-spans", "fault-reports", "reports-by-request", "requests", "reports-diagnosed", "dlq",
-        "incident-signals", "surges", "incidents", "notifications", "otlp-spans", "changes")}
+        "incident-signals", "surges", "incidents", "notifications", "otlp-spans", "changes", "behaviour", "user-steps",
+        "misuse-detections")}
     logical_of = {full: logical for logical, full in name.items()}
     joined = app.topic(name["client-spans"], name["server-spans"], name["reports-by-request"], **raw)
     reports_in = app.topic(name["fault-reports"], **raw)
@@ -216,6 +219,26 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
         await dlq.send(key=event.key, value=value,
                        headers=dead_letter_headers(reason, message.topic, message.partition, message.offset))
 
+    # the catalog's sequence rules (streams/sequences.py): which requests and reports go to the
+    # user-keyed sequence agent; nothing else of the span rate does
+    watched_operations, watched_attributes = watched(catalog)
+    explained = explained_classes(catalog)
+    sequence_agent.install(app, settings, catalog, metrics, name, progress, dead_letter_event, signals, source)
+
+    def forward_step(held: Held, span: Span, drill: bool) -> None:
+        """A watched request to its user's sequence state; its input record stays held until
+        Kafka has it."""
+        key = user_key(span.user_id, span.account_id)
+        if not key:
+            return
+        attributes = {k: v for k, v in span.attributes.items() if k in watched_attributes}
+        session = attributes.pop("session_id", "")
+        step = SequenceStep(user_id=span.user_id, account_id=span.account_id, ts_us=span.start_us,
+                            name=span.operation, request_id=span.request_id, session_id=str(session),
+                            attributes=attributes, drill=drill or is_drill(span.attributes))
+        held.open += 1
+        outbox.send(name["user-steps"], key.encode(), encode(step), partial(join.holds.release, (held,)))
+
     @app.agent(reports_in)
     async def rekey_reports(stream: faust.StreamT) -> None:
         """Fault reports arrive keyed by report id; re-key each by the request it names."""
@@ -316,6 +339,8 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
                 continue
             entry, new = added
             touched[key] = entry
+            if span.operation in watched_operations:
+                forward_step(held, span, entry.state.drill)
             if counting:
                 state = entry.state
                 aggregator.saw(tp, span.start_us, state.drill)
@@ -633,6 +658,10 @@ def create_app(settings: Settings, catalog: Catalog, timing: Timing, policy: Pol
             diagnosed = diagnose_report(report, about, catalog, int(now * 1_000_000), is_drill(report.attributes))
             outputs.append((name["reports-diagnosed"], report.report_id.encode(), encode(diagnosed)))
             metrics.events_out.labels("reports-diagnosed").inc()
+            whose = user_key(report.user_id, report.account_id)
+            if whose and diagnosed.diagnosis.cls in explained:
+                # it may follow from an earlier misuse of this user (streams/sequences.py)
+                outputs.append((name["user-steps"], whose.encode(), encode(ReportStep(report=diagnosed))))
         mark_emitted(state, now)
         emission = join.sent(key, entry, len(outputs), now)
         for topic, out_key, value in outputs:

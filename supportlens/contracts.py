@@ -194,6 +194,10 @@ class Diagnosis(msgspec.Struct, gc=False, frozen=True, kw_only=True, omit_defaul
     code: Name = ""  # the catalogued error code, when one matched
     evidence: Text = ""  # for support staff: which span, which status, which timings
     catalog_version: int = 0
+    # a failure the catalog traces to an earlier misuse (a sequence rule, streams/sequences.py):
+    # the class it looked like on its own, and the detection that explains it
+    surfaced_as: Annotated[str, Meta(max_length=64)] = ""
+    misuse_detection_id: OptionalId = ""
 
 
 class Hop(msgspec.Struct, gc=False, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -498,6 +502,65 @@ class ChangeSignal(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     change: Change
 
 
+class SequenceStep(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True,
+                   tag="step", tag_field="kind"):
+    """A request or behaviour event one of the catalog's sequence rules watches (``user-steps``,
+    keyed by its user: ``streams.sequences``)."""
+
+    user_id: OptionalId = ""
+    account_id: OptionalId = ""
+    ts_us: TimestampUs
+    name: Name  # the operation, or the behaviour event's name
+    request_id: OptionalId = ""
+    session_id: OptionalId = ""
+    attributes: Attributes = {}  # only those a rule reads (an idempotency key, a body hash)
+    behaviour: bool = False  # from a consented behaviour event: forgotten when consent is withdrawn
+    drill: bool = False
+
+
+class ReportStep(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True,
+                 tag="report", tag_field="kind"):
+    """A diagnosed report forwarded to its user's sequence state, which may trace it to an
+    earlier misuse (before or after that misuse was detected)."""
+
+    report: DiagnosedReport
+
+
+UserStep = SequenceStep | ReportStep
+_user_step_decoder = msgspec.json.Decoder(UserStep)
+
+
+def decode_user_step(data: bytes, max_bytes: int = 1_048_576) -> UserStep:
+    """Decode one record of ``user-steps``; raises :class:`InvalidRecord` naming the field."""
+    if len(data) > max_bytes:
+        raise InvalidRecord("user step", f"record is {len(data):,} bytes, over the {max_bytes:,}-byte limit")
+    try:
+        return _user_step_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise InvalidRecord("user step", explain(str(exc))) from None
+    except UNREADABLE as exc:
+        raise InvalidRecord("user step", why_unreadable(exc)) from None
+
+
+class MisuseDetection(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """A catalogued misuse found in a user's sequence of requests and behaviour
+    (``misuse-detections``): it counts as that misuse even where its failure comes later."""
+
+    detection_id: Id  # the rule and the misusing request: a repeat is the same detection
+    rule: Name
+    code: Name  # the catalog code it counts as (its wording, its doc)
+    user_id: OptionalId = ""
+    account_id: OptionalId = ""
+    at_us: TimestampUs  # when the misuse happened (the misusing request)
+    request_id: OptionalId = ""
+    earlier_request_id: OptionalId = ""  # the request it conflicts with, where there is one
+    session_id: OptionalId = ""
+    evidence: Text = ""
+    detected_at_us: TimestampUs = 0
+    drill: bool = False
+    schema_version: int = SCHEMA_VERSION
+
+
 Signal = SignalCount | MisuseCount | SignalClock | IncidentCommand | ChangeSignal | VersionCount
 _signal_decoder = msgspec.json.Decoder(Signal)
 
@@ -515,9 +578,9 @@ def decode_signal(data: bytes, max_bytes: int = 1_048_576) -> Signal:
 
 
 Record = (Span | FaultReport | BehaviourEvent | Account | CorrelatedRequest | DiagnosedReport | SurgeEvent
-          | IncidentEvent | Notification | DeliveryAttempt | Change)
+          | IncidentEvent | Notification | DeliveryAttempt | Change | MisuseDetection)
 R = TypeVar("R", Span, FaultReport, BehaviourEvent, Account, CorrelatedRequest, DiagnosedReport, SurgeEvent,
-            IncidentEvent, Notification, DeliveryAttempt, Change)
+            IncidentEvent, Notification, DeliveryAttempt, Change, MisuseDetection)
 
 KIND_NAMES: dict[type, str] = {
     Span: "span",
@@ -531,6 +594,7 @@ KIND_NAMES: dict[type, str] = {
     Notification: "notification",
     DeliveryAttempt: "delivery attempt",
     Change: "change",
+    MisuseDetection: "misuse detection",
 }
 
 _encoder = msgspec.json.Encoder()
@@ -540,7 +604,7 @@ _strict_decoders: dict[type, msgspec.json.Decoder[Any]] = {
 _raw_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
-def encode(record: Record | Signal) -> bytes:
+def encode(record: Record | Signal | UserStep) -> bytes:
     """JSON bytes of a record (defaults omitted, so the wire stays small)."""
     return _encoder.encode(record)
 

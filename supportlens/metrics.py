@@ -114,6 +114,15 @@ class Metrics:
             "canary_findings", "Canary findings that started: a version worse than the one it replaces.",
             ["target"], namespace=ns, registry=registry,
         )
+        self.misuse_detections = Counter(
+            "misuse_detections", "Catalogued misuse found in a user's sequence of requests and behaviour, by code.",
+            ["code", "drill"], namespace=ns, registry=registry,
+        )
+        self.reports_traced = Counter(
+            "reports_traced_to_misuse", "Diagnosed reports traced to an earlier misuse (their symptom looked like "
+            "another class), by code and the class it surfaced as.", ["code", "surfaced_as"],
+            namespace=ns, registry=registry,
+        )
         self.incidents_open = Gauge(
             "incidents_open", "Open incidents, by severity and drill flag.", ["severity", "drill"],
             namespace=ns, registry=registry,

@@ -34,6 +34,7 @@ class Join(str, Enum):
     """Co-partitioning groups: every topic of a group has the same key and partition count."""
 
     REQUEST_ID = "request_id"
+    USER = "user"  # a user id, or ``account:<id>`` for an integration without users
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,12 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("otlp-spans", "any (trace id or none)", 1 * DAY_MS,
               purpose="OTLP trace exports as the OTel Collector's kafka exporter writes them (otlp_proto or otlp_json)"),
     TopicSpec("fault-reports", "report_id", 30 * DAY_MS, purpose="one-click fault reports"),
-    TopicSpec("behaviour", "user_id", 3 * DAY_MS, purpose="consent-gated behaviour events"),
+    TopicSpec("behaviour", "user_id", 3 * DAY_MS, join=Join.USER, purpose="consent-gated behaviour events"),
+    TopicSpec("user-steps", "user", 3 * DAY_MS, join=Join.USER,
+              purpose="requests a sequence rule watches and diagnosed reports, re-keyed by user to meet "
+                      "their behaviour in one worker (streams/sequences.py)"),
+    TopicSpec("misuse-detections", "user", 30 * DAY_MS,
+              purpose="catalogued misuse found in a user's sequence of requests and behaviour"),
     TopicSpec("requests", "request_id", 7 * DAY_MS, join=Join.REQUEST_ID, purpose="correlated requests"),
     TopicSpec(
         "reports-by-request", "request_id", 3 * DAY_MS, join=Join.REQUEST_ID,
