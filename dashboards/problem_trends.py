@@ -6,6 +6,10 @@ sketches of distinct request ids and distinct users. Merging the sketches over a
 stretch (``uniqMerge``) counts a user once however many minutes they failed in; summing the
 per-minute counts (as ``top_problems`` allows) would count them once a minute. Drills are
 left out: a replayed incident is not a problem of today.
+
+Misuse found in sequences (issue #18) reads ``misuse_detections`` and the reports traced to
+them in ``report_diagnoses`` (migration 0013): the failures that were the client's misuse
+although they looked like something else.
 """
 
 from __future__ import annotations
@@ -152,6 +156,84 @@ def funnels() -> Panel:
         gauges=("drop_share",), units={"drop_share": "percentunit"}, width=24, height=10)
 
 
+# Detections carry no region, service or app version: the dashboard's filters do not apply to them.
+MISUSE_FILTERS = "$__timeFilter(at) AND NOT drill"
+# Traced reports do: the region and app version of the report, the service of the failure it surfaced as.
+TRACED_FILTERS = " AND ".join([
+    "$__timeFilter(received_at)", "NOT drill", "misuse_detection_id != ''",
+    in_selection("region", "region"), in_selection("diagnosis_service", "service"),
+    in_selection("app_version", "app_version"),
+])
+
+
+def misuse_by_code() -> Panel:
+    return timeseries(
+        "Misuse found in sequences",
+        "Catalogued misuse found in users' sequences of requests (an idempotency key reused with another "
+        "body, an order without a login, polling too fast), per catalog code and interval. Not filtered: "
+        "a detection carries no region, service or app version.",
+        Sql(f"""
+            SELECT $__timeInterval(at) AS time, code, count() AS detections
+            FROM misuse_detections FINAL
+            WHERE {MISUSE_FILTERS}
+            GROUP BY time, code
+            ORDER BY time, code
+        """, ("time", "code", "detections"), time_series=True),
+        bars=True, stacked=True, width=12,
+    )
+
+
+def reports_traced_to_misuse() -> Panel:
+    return timeseries(
+        "Fault reports traced to misuse",
+        "Reports whose failure the sequence rules traced to an earlier misuse, by the misuse and the class "
+        "the failure looked like on its own (what it would have been counted as without the trace).",
+        Sql(f"""
+            SELECT $__timeInterval(received_at) AS time, concat(diagnosis_code, ' as ', diagnosis_surfaced_as) AS traced,
+                   count() AS reports
+            FROM report_diagnoses FINAL
+            WHERE {TRACED_FILTERS}
+            GROUP BY time, traced
+            ORDER BY time, traced
+        """, ("time", "traced", "reports"), time_series=True),
+        bars=True, stacked=True, width=12,
+    )
+
+
+def latest_misuse() -> Panel:
+    # the inner names differ from the outer aliases: ClickHouse resolves a name to an alias of the same SELECT first
+    return table(
+        "Latest misuse found in sequences",
+        "The newest detections: which account and user, the misusing request and the earlier one it "
+        "conflicts with, and the fault reports traced to it (and what they surfaced as). "
+        "`supportlens lookup --user` shows the same under the user's timeline.",
+        Sql(f"""
+            SELECT m.d_at AS at, m.d_code AS code, m.d_rule AS rule, m.d_account AS account_id, m.d_user AS user_id,
+                   m.d_request AS request_id, m.d_earlier AS earlier_request_id, t.reports AS reports_traced,
+                   t.surfaced AS surfaced_as, m.d_evidence AS evidence
+            FROM
+            (
+                SELECT detection_id, at AS d_at, code AS d_code, rule AS d_rule, account_id AS d_account,
+                       user_id AS d_user, request_id AS d_request, earlier_request_id AS d_earlier,
+                       evidence AS d_evidence
+                FROM misuse_detections FINAL
+                WHERE {MISUSE_FILTERS}
+            ) AS m
+            LEFT JOIN
+            (
+                SELECT misuse_detection_id, count() AS reports,
+                       arrayStringConcat(arraySort(groupUniqArray(diagnosis_surfaced_as)), ', ') AS surfaced
+                FROM report_diagnoses FINAL
+                WHERE misuse_detection_id != '' AND received_at >= $__fromTime AND NOT drill
+                GROUP BY misuse_detection_id
+            ) AS t ON t.misuse_detection_id = m.detection_id
+            ORDER BY at DESC, request_id
+            LIMIT 100
+        """, ("at", "code", "rule", "account_id", "user_id", "request_id", "earlier_request_id", "reports_traced",
+              "surfaced_as", "evidence")),
+        gauges=("reports_traced",), width=24, height=9)
+
+
 def dashboard() -> Dashboard:
     return Dashboard(
         UID, "supportlens · Global problem trends",
@@ -163,6 +245,8 @@ def dashboard() -> Dashboard:
             top_by_service(), top_by_region(), top_by_network(), top_by_app_version(), top_by_platform(),
             row("Where users get stuck"),
             funnels(),
+            row("Misuse that fails later"),
+            misuse_by_code(), reports_traced_to_misuse(), latest_misuse(),
         ),
         variables=(REGION, SERVICE, APP_VERSION),
         annotations=(change_annotation(),),

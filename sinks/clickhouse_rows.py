@@ -25,6 +25,7 @@ from supportlens.contracts import (
     FaultReport,
     IncidentEvent,
     InvalidRecord,
+    MisuseDetection,
     Network,
     Notification,
     Span,
@@ -134,8 +135,8 @@ def _diagnosis_row(value: bytes, meta: RecordMeta, max_bytes: int) -> list[Any]:
     return [
         r.client_ip, r.received_at_us, r.report_id, r.diagnosed_at_us, r.user_id, r.account_id, r.locale,
         r.app_version, r.platform, r.region, n.isp, n.connection_type, list(r.request_ids),
-        r.primary_request_id, d.cls, d.service, d.team, d.code, d.evidence, d.catalog_version,
-        r.title, r.explanation, r.action, r.doc_url, r.drill,
+        r.primary_request_id, d.cls, d.service, d.team, d.code, d.surfaced_as, d.misuse_detection_id,
+        d.evidence, d.catalog_version, r.title, r.explanation, r.action, r.doc_url, r.drill,
     ]
 
 
@@ -143,8 +144,22 @@ REPORT_DIAGNOSES = TableMapping("report_diagnoses", (
     "client_ip", "received_at", "report_id", "diagnosed_at", "user_id", "account_id", "locale",
     "app_version", "platform", "region", "isp", "connection_type", "request_ids",
     "primary_request_id", "diagnosis_class", "diagnosis_service", "diagnosis_team", "diagnosis_code",
-    "diagnosis_evidence", "catalog_version", "title", "explanation", "action", "doc_url", "drill",
+    "diagnosis_surfaced_as", "misuse_detection_id", "diagnosis_evidence", "catalog_version", "title",
+    "explanation", "action", "doc_url", "drill",
 ), _diagnosis_row)
+
+
+def _misuse_row(value: bytes, meta: RecordMeta, max_bytes: int) -> list[Any]:
+    m = decode(value, MisuseDetection, max_bytes)
+    return [m.account_id, m.user_id, m.detection_id, m.at_us, m.rule, m.code, m.request_id, m.earlier_request_id,
+            m.session_id, m.evidence, m.detected_at_us, m.drill]
+
+
+# schema_version is left out, as in every table: a row is already in the store's schema
+MISUSE_DETECTIONS = TableMapping("misuse_detections", (
+    "account_id", "user_id", "detection_id", "at", "rule", "code", "request_id", "earlier_request_id",
+    "session_id", "evidence", "detected_at", "drill",
+), _misuse_row)
 
 
 def _behaviour_row(value: bytes, meta: RecordMeta, max_bytes: int) -> list[Any]:
@@ -255,6 +270,7 @@ MAPPINGS: dict[str, TableMapping] = {
     "changes": CHANGES,
     "notifications": NOTIFICATIONS,
     "deliveries": DELIVERIES,
+    "misuse-detections": MISUSE_DETECTIONS,
 }
 
 

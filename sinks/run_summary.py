@@ -147,7 +147,12 @@ def score(labels: Iterable[Label], requests: Iterable[CorrelatedRequest], report
             unexpected.add(request.request_id)
         elif request.request_id not in latest or latest[request.request_id].version < request.version:
             latest[request.request_id] = request
-    diagnosed = {r.report_id: r for r in reports if r.report_id in report_truth}
+    diagnosed: dict[str, DiagnosedReport] = {}
+    for report in reports:
+        known = diagnosed.get(report.report_id)
+        # the newest diagnosis wins, as in ClickHouse: one traced to an earlier misuse replaces its symptom's
+        if report.report_id in report_truth and (known is None or known.diagnosed_at_us <= report.diagnosed_at_us):
+            diagnosed[report.report_id] = report
     request_confusion: Counter[tuple[str, str]] = Counter()
     unobservable = 0
     for rid, request in latest.items():

@@ -58,6 +58,8 @@ class Candidate(msgspec.Struct, array_like=True):
     at_us: int
     due_s: float
     drill: bool = False
+    user_id: str = ""
+    account_id: str = ""
 
 
 class UserState(msgspec.Struct):
@@ -169,7 +171,7 @@ def on_due(state: UserState, catalog: Catalog, now_s: float) -> Found:
                 f"in the {rule.window_s / 60:.0f} min before"
             found.extend(_detected(state, MisuseDetection(
                 detection_id=f"{candidate.rule}:{candidate.request_id}", rule=candidate.rule, code=rule.code,
-                at_us=candidate.at_us, request_id=candidate.request_id, session_id=candidate.session_id,
+                user_id=candidate.user_id, account_id=candidate.account_id, at_us=candidate.at_us, request_id=candidate.request_id, session_id=candidate.session_id,
                 evidence=f"{rule.operation} at {_clock(candidate.at_us)} without {rule.precursor} {scope}",
                 drill=candidate.drill), catalog, int(now_s * 1_000_000)))
     state.pending = waiting
@@ -295,7 +297,7 @@ def _await_precursor(state: UserState, name: str, rule: SequenceRule, step: Sequ
         return None
     if not _has_precursor(state, name, rule, step.session_id, step.ts_us):
         state.pending.append(Candidate(name, step.request_id, step.session_id, step.ts_us, now_s + rule.grace_s,
-                                       step.drill))
+                                       step.drill, step.user_id, step.account_id))
     return None
 
 
@@ -303,6 +305,7 @@ def _await_precursor(state: UserState, name: str, rule: SequenceRule, step: Sequ
 def _detected(state: UserState, detection: MisuseDetection, catalog: Catalog, now_us: int) -> Found:
     if any(d.detection_id == detection.detection_id for d in state.detections):
         return Found()
+    detection = msgspec.structs.replace(detection, detected_at_us=now_us)
     state.detections = (state.detections + [detection])[-MAX_DETECTIONS:]
     found = Found(detections=[detection])
     left = []

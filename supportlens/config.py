@@ -44,6 +44,7 @@ DEFAULT_TTL_DAYS: dict[str, int] = {
     "changes": 0,
     "notifications": 400,
     "notification_deliveries": 400,
+    "misuse_detections": 400,  # longer than the reports they explain
 }
 
 

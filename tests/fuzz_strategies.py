@@ -37,6 +37,7 @@ from supportlens.contracts import (
     IncidentCommand,
     IncidentEvent,
     MisuseCount,
+    MisuseDetection,
     Network,
     Notification,
     SignalClock,
@@ -113,6 +114,11 @@ RECORDS: dict[type, Any] = {
                                body="We are working on it."),
     DeliveryAttempt: DeliveryAttempt(notification_id="n-1", attempt=1, account_id="acct-00001", at_us=T0,
                                      channel="webhook", outcome="delivered", detail="HTTP 204"),
+    MisuseDetection: MisuseDetection(
+        detection_id="idempotency-key-reuse:req-2", rule="idempotency-key-reuse", code="IDEMPOTENCY_KEY_REUSED",
+        user_id="user-000001", account_id="acct-00001", at_us=T0, request_id="req-2", earlier_request_id="req-1",
+        session_id="sess-1", evidence="POST /v1/orders reused the idempotency_key of request req-1",
+        detected_at_us=T0 + 1),
 }
 
 SIGNALS: list[Any] = [

@@ -19,6 +19,7 @@ from supportlens.contracts import (
     FaultReport,
     Hop,
     InvalidRecord,
+    MisuseDetection,
     Network,
     encode,
 )
@@ -66,6 +67,27 @@ def test_report_and_diagnosis_rows():
                                 diagnosis=Diagnosis(cls="network_unreachable"), title="t", locale="zh-CN")
     row = _row("reports-diagnosed", diagnosed)
     assert row["diagnosis_class"] == "network_unreachable" and row["locale"] == "zh-CN"
+    assert (row["diagnosis_surfaced_as"], row["misuse_detection_id"]) == ("", "")
+
+
+def test_a_traced_diagnosis_keeps_what_it_surfaced_as_and_its_detection():
+    traced = DiagnosedReport(report_id="rep1", received_at_us=T0, diagnosed_at_us=T0 + 9, client_ip="203.0.113.7",
+                             diagnosis=Diagnosis(cls="client_misuse", service="payment", code="IDEMPOTENCY_KEY_REUSED",
+                                                 surfaced_as="server_error",
+                                                 misuse_detection_id="idempotency-key-reuse:r2"))
+    row = _row("reports-diagnosed", traced)
+    assert (row["diagnosis_class"], row["diagnosis_code"], row["diagnosis_surfaced_as"], row["misuse_detection_id"]) \
+        == ("client_misuse", "IDEMPOTENCY_KEY_REUSED", "server_error", "idempotency-key-reuse:r2")
+
+
+def test_misuse_detection_row():
+    detection = MisuseDetection(detection_id="idempotency-key-reuse:r2", rule="idempotency-key-reuse",
+                                code="IDEMPOTENCY_KEY_REUSED", user_id="u1", account_id="acct-1", at_us=T0,
+                                request_id="r2", earlier_request_id="r1", evidence="reused key k-7")
+    row = _row("misuse-detections", detection)
+    assert (row["detection_id"], row["at"], row["request_id"], row["earlier_request_id"]) == (
+        "idempotency-key-reuse:r2", T0, "r2", "r1")
+    assert (row["session_id"], row["detected_at"], row["drill"]) == ("", 0, False)
 
 
 def test_behaviour_row():
@@ -90,6 +112,8 @@ def test_dead_letter_row_reads_its_origin_from_headers():
     ("requests", b"not json", "not valid JSON"),
     ("fault-reports", b'{"report_id": "x", "received_at_us": 1, "client_ip": "999.1.1.1"}', "client_ip"),
     ("behaviour", None, "no value"),
+    ("misuse-detections", b'{"detection_id": "d1", "rule": "r", "code": "C"}', "at_us"),
+    ("misuse-detections", b'{"detection_id": "", "rule": "r", "code": "C", "at_us": 1}', "detection_id"),
 ])
 def test_invalid_records_name_the_problem(topic, value, fragment):
     with pytest.raises(InvalidRecord, match=fragment):

@@ -10,7 +10,9 @@ the funnels) feed the funnels panel. Changes have no producer in the replay: the
 writes those a CI/CD pipeline would post around the runs, and some the annotation must
 leave out (a drill, one over before the range). Notifications and their deliveries have no
 producer yet (VIP notices are issue #6): the test writes the outbox rows that producer
-will write, one ``incident_declared`` notice per affected VIP account.
+will write, one ``incident_declared`` notice per affected VIP account. Misuse found in
+sequences (issue #18) is not in the offline replay: the test writes the detections the
+sequence worker would, and re-emits some reports of the payment outage traced to them.
 
 Runs on the embedded engine here; on a server when ``CLICKHOUSE_URL`` is set or Docker answers.
 """
@@ -39,7 +41,8 @@ from streams.offline import replay
 from streams.surge import SurgeParams
 from supportlens.cli_changes import describe
 from supportlens.contracts import (
-    BehaviourEvent, Change, CorrelatedRequest, DeliveryAttempt, FaultReport, IncidentEvent, Notification, Span, SurgeEvent,
+    BehaviourEvent, Change, CorrelatedRequest, DeliveryAttempt, DiagnosedReport, Diagnosis, FaultReport, IncidentEvent,
+    MisuseDetection, Notification, Span, SurgeEvent,
 )
 from supportlens.simulator.generate import Plan, Simulation
 from supportlens.simulator.scenarios import scenario
@@ -148,6 +151,31 @@ def _canary(at_us: int) -> list[SurgeEvent]:
             for i, phase in enumerate(("start", "update", "end"))]
 
 
+def _misuse(diagnosed: list[DiagnosedReport]) -> tuple[list[MisuseDetection], list[DiagnosedReport]]:
+    """What the sequence worker (streams/sequences.py) writes around a payment outage: an order that
+    reused an earlier order's idempotency key five minutes before each of three users reported a
+    payment failure, the first two of those reports traced to it; one user polling too fast (nothing
+    traced); and a drill's detection, which every panel leaves out."""
+    failed = [r for r in diagnosed if r.diagnosis.cls == "server_error" and r.user_id][:3]
+    assert len(failed) == 3, "the payment outage gives server_error reports"
+    detections = [MisuseDetection(
+        detection_id=f"idempotency-key-reuse:order-{i}", rule="idempotency-key-reuse", code="IDEMPOTENCY_KEY_REUSED",
+        user_id=r.user_id, account_id=r.account_id, at_us=r.received_at_us - 300 * US, request_id=f"order-{i}",
+        earlier_request_id=f"order-{i}-first", evidence="POST /v1/orders reused the idempotency_key of an earlier order",
+    ) for i, r in enumerate(failed)]
+    detections += [
+        MisuseDetection(detection_id="polling-too-fast:poll-1", rule="polling-too-fast", code="POLLING_TOO_FAST",
+                        user_id=failed[0].user_id, account_id=failed[0].account_id, at_us=failed[0].received_at_us,
+                        request_id="poll-20", earlier_request_id="poll-1", evidence="GET /v1/orders/{id} called 20 times"),
+        MisuseDetection(detection_id="polling-too-fast:drill-1", rule="polling-too-fast", code="POLLING_TOO_FAST",
+                        user_id="drill-user", at_us=failed[0].received_at_us, request_id="drill-1", drill=True),
+    ]
+    traced = [msgspec.structs.replace(r, diagnosed_at_us=r.diagnosed_at_us + US, diagnosis=Diagnosis(
+        cls="client_misuse", service=r.diagnosis.service, code=d.code, surfaced_as=r.diagnosis.cls,
+        misuse_detection_id=d.detection_id)) for r, d in zip(failed[:2], detections)]
+    return detections, traced
+
+
 @dataclass
 class Loaded:
     client: Any
@@ -157,6 +185,8 @@ class Loaded:
     incidents: list[IncidentEvent]
     notices: list[Notification]
     changes: list[Change]  # the ones the annotation shows, as last posted
+    detections: list[MisuseDetection]
+    traced: list[DiagnosedReport]
 
 
 @pytest.fixture(scope="module")
@@ -169,13 +199,15 @@ def loaded(clickhouse_target, tmp_path_factory) -> Iterator[Loaded]:
     # cut at 60 % of the run: the ISP outage (20 %–80 %) is declared and still open
     isp = _run("isp-outage", second, world, until_fraction=0.6)
     settings, client = own_database(clickhouse_target.dsn, tmp_path_factory.mktemp("dashboards-state"))
-    notices, attempts = [], []
+    notices, attempts, diagnosed = [], [], []
     for run in (outage, isp):
         by_id = {r.request_id: r for r in run.requests}
         insert_records(client, "requests", run.requests)
         insert_records(client, "fault-reports", run.reports)
-        insert_records(client, "reports-diagnosed", [
-            diagnose_report(r, by_id.get(primary_request_id(r)), CATALOG, r.received_at_us + US) for r in run.reports])
+        run_diagnosed = [diagnose_report(r, by_id.get(primary_request_id(r)), CATALOG, r.received_at_us + US)
+                         for r in run.reports]
+        insert_records(client, "reports-diagnosed", run_diagnosed)
+        diagnosed += run_diagnosed
         insert_records(client, "surges", run.out.surges)
         insert_records(client, "incidents", run.out.incidents)
         insert_records(client, "behaviour", run.behaviour)  # the funnels panel's (issue #18)
@@ -183,6 +215,9 @@ def loaded(clickhouse_target, tmp_path_factory) -> Iterator[Loaded]:
         notices += run_notices
         attempts += run_attempts
     insert_records(client, "surges", _canary(first + 600 * US))
+    detections, traced = _misuse(diagnosed)
+    insert_records(client, "misuse-detections", detections)
+    insert_records(client, "reports-diagnosed", traced)
     insert_records(client, "notifications", notices)
     insert_records(client, "deliveries", attempts)
     posts, reposts, shown = _changes(first, second)
@@ -192,7 +227,8 @@ def loaded(clickhouse_target, tmp_path_factory) -> Iterator[Loaded]:
     span = TimeRange((first - 3600 * US) // 1000, (second + DURATION_S * US + 3600 * US) // 1000, 60_000)
     yield Loaded(client, span, outage.requests + isp.requests, outage.reports + isp.reports,
                  outage.out.incidents + isp.out.incidents, notices,
-                 sorted((latest[i] for i in shown), key=lambda c: (c.started_at_us, c.change_id)))
+                 sorted((latest[i] for i in shown), key=lambda c: (c.started_at_us, c.change_id)),
+                 detections, traced)
     client.command(f"DROP DATABASE IF EXISTS `{settings.clickhouse_database}`")
 
 
@@ -356,3 +392,23 @@ def test_affected_vip_accounts_show_each_notice_and_its_last_attempt(clickhouse,
     assert len(rows) == len(loaded.notices)
     assert all(r[columns.index("last_outcome")] == ("pending" if r[columns.index("channel")] == "none" else "delivered")
                for r in rows)
+
+
+def test_misuse_panels_show_each_detection_and_the_reports_traced_to_it(clickhouse, loaded):
+    everything = {"region": Selection((), all=True), "service": Selection((), all=True),
+                  "app_version": Selection((), all=True)}
+    shown = [d for d in loaded.detections if not d.drill]
+    _, by_code = _query(loaded, _panel("supportlens-problem-trends", "Misuse found in sequences"), everything)
+    assert sum(r[2] for r in by_code) == len(shown) and {r[1] for r in by_code} == {d.code for d in shown}
+    columns, rows = _query(loaded, _panel("supportlens-problem-trends", "Latest misuse found in sequences"), everything)
+    table = {r[columns.index("request_id")]: dict(zip(columns, r)) for r in rows}
+    assert sorted(table) == sorted(d.request_id for d in shown)
+    traced = {r.diagnosis.misuse_detection_id for r in loaded.traced}
+    for d in shown:
+        row = table[d.request_id]
+        assert (row["code"], row["user_id"], row["account_id"]) == (d.code, d.user_id, d.account_id)
+        assert (row["reports_traced"], row["surfaced_as"]) == ((1, "server_error") if d.detection_id in traced
+                                                               else (0, ""))
+    _, by_trace = _query(loaded, _panel("supportlens-problem-trends", "Fault reports traced to misuse"), everything)
+    assert {r[1] for r in by_trace} == {"IDEMPOTENCY_KEY_REUSED as server_error"}
+    assert sum(r[2] for r in by_trace) == len(loaded.traced)

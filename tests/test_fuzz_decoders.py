@@ -44,6 +44,7 @@ from supportlens.contracts import (
     FaultReport,
     IncidentEvent,
     InvalidRecord,
+    MisuseDetection,
     Notification,
     Span,
     SurgeEvent,
@@ -66,7 +67,7 @@ ID_FIELDS: dict[type, tuple[str, ...]] = {
     Span: ("request_id",), FaultReport: ("report_id",), BehaviourEvent: ("event_id", "user_id"),
     Account: ("account_id",), CorrelatedRequest: ("request_id",), DiagnosedReport: ("report_id",),
     SurgeEvent: ("surge_id",), IncidentEvent: ("incident_id",), Notification: ("notification_id", "account_id"),
-    DeliveryAttempt: ("notification_id", "account_id"), Change: ("change_id",),
+    DeliveryAttempt: ("notification_id", "account_id"), Change: ("change_id",), MisuseDetection: ("detection_id",),
 }
 VISIBLE_ASCII_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
@@ -528,7 +529,7 @@ TOPIC_RECORDS: dict[str, Any] = {
     "reports-diagnosed": fs.RECORDS[DiagnosedReport], "behaviour": fs.RECORDS[BehaviourEvent],
     "surges": fs.RECORDS[SurgeEvent], "incidents": fs.RECORDS[IncidentEvent],
     "notifications": fs.RECORDS[Notification], "deliveries": fs.RECORDS[DeliveryAttempt],
-    "changes": fs.RECORDS[Change],
+    "changes": fs.RECORDS[Change], "misuse-detections": fs.RECORDS[MisuseDetection],
 }
 assert set(TOPIC_RECORDS) | {"dlq"} == set(MAPPINGS), "a topic the sink reads has no fuzz input"
 HEADER_NAMES = ["reason", "source_topic", "source_partition", "source_offset", "other"]

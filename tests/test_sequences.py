@@ -48,6 +48,7 @@ def test_an_order_reusing_another_orders_key_with_another_body_is_detected_once(
     assert (detection.code, detection.rule) == ("IDEMPOTENCY_KEY_REUSED", "idempotency-key-reuse")
     assert (detection.request_id, detection.earlier_request_id) == ("o-2", "o-1")
     assert detection.at_us == T0 + 12 * S and detection.account_id == "acct-1"
+    assert detection.detected_at_us == int(NOW * S)
     assert "o-1" in detection.evidence and "idempotency_key" in detection.evidence
     # the same steps read again (a restarted worker) detect nothing new
     assert on_step(state, order("o-2", 12, body="h-2"), CATALOG, NOW).detections == []
@@ -132,6 +133,7 @@ def test_an_order_without_login_in_its_session_is_detected_after_the_grace():
     assert on_due(state, CATALOG, NOW + 1).detections == []  # a late login may still arrive
     [detection] = on_due(state, CATALOG, NOW + 10).detections
     assert (detection.code, detection.request_id, detection.session_id) == ("ORDER_BEFORE_LOGIN", "o-2", "s-2")
+    assert (detection.user_id, detection.account_id, detection.detected_at_us) == ("user-1", "acct-1", (NOW + 10) * S)
     assert state.pending == [] and on_due(state, CATALOG, NOW + 20).detections == []
 
 

@@ -25,6 +25,7 @@ from sinks.clickhouse_sink import ClickHouseSink
 from sinks.run_summary import observable_requests
 from supportlens import store
 from supportlens.config import Settings, load_settings
+from supportlens.contracts import DiagnosedReport, Diagnosis, MisuseDetection, encode
 from supportlens.metrics import Metrics
 from supportlens.serve import READY_LINE
 from supportlens.simulator.labels import ReportLabel, RequestLabel, read_labels, read_run
@@ -168,6 +169,56 @@ def test_a_simulated_run_lands_in_every_table_once(kafka, clickhouse, tmp_path):
     assert kinds[("request", report.request_ids[0])].service == failing
     top = lookup.top_problems(client, "service", now - 86_400_000_000, now + 3_600_000_000)
     assert (top.rows[0].diagnosis_class, top.rows[0].value) == ("server_error", failing)
+
+
+def test_misuse_detections_land_and_a_traced_diagnosis_replaces_the_symptom(kafka, clickhouse):
+    """The sink reads misuse-detections: a detection written twice is one row, a bad one a dead
+    letter; the traced re-emission of a report wins over its first diagnosis, whatever came first."""
+    settings = _settings(kafka, clickhouse.dsn)
+    provision(settings)
+    client = store.connect(settings)
+    store.migrate(client, settings)
+    now = time.time_ns() // 1000
+    detection = MisuseDetection(
+        detection_id="idempotency-key-reuse:r-order-2", rule="idempotency-key-reuse", code="IDEMPOTENCY_KEY_REUSED",
+        user_id="u1", account_id="acct-1", at_us=now - 300_000_000, request_id="r-order-2",
+        earlier_request_id="r-order-1", evidence="POST /v1/orders reused the idempotency_key of request r-order-1")
+    untraced = DiagnosedReport(report_id="rep-1", received_at_us=now, diagnosed_at_us=now + 1_000_000, user_id="u1",
+                               client_ip="203.0.113.7", diagnosis=Diagnosis(cls="server_error", service="payment"))
+    traced = msgspec.structs.replace(untraced, diagnosed_at_us=now + 9_000_000, diagnosis=Diagnosis(
+        cls="client_misuse", service="payment", code=detection.code, surfaced_as="server_error",
+        misuse_detection_id=detection.detection_id))
+    # a second report: its traced version is read before the untraced one (another partition, a late re-delivery)
+    other = msgspec.structs.replace(untraced, report_id="rep-2")
+    producer = Producer(settings.producer_config())
+    for topic, key, record in [("misuse-detections", b"u1", detection), ("reports-diagnosed", b"rep-1", untraced),
+                               ("reports-diagnosed", b"rep-1", traced), ("misuse-detections", b"u1", detection),
+                               ("reports-diagnosed", b"rep-2", msgspec.structs.replace(traced, report_id="rep-2")),
+                               ("reports-diagnosed", b"rep-2", other)]:
+        producer.produce(settings.topic(topic), key=key, value=encode(record))
+    producer.produce(settings.topic("misuse-detections"), key=b"bad", value=b'{"detection_id":"d","rule":"r"}')
+    assert producer.flush(30) == 0
+    stop = threading.Event()
+    sink = ClickHouseSink(settings, store.connect(settings), Metrics(CollectorRegistry()), stop)
+    thread = threading.Thread(target=sink.run, daemon=True)
+    thread.start()
+    try:
+        _wait_for_counts(lambda: store.table_counts(client),
+                         {"misuse_detections": 1, "report_diagnoses": 2, "dead_letters": 1}, 60, lambda: "")
+    finally:
+        stop.set()
+        thread.join(30)
+    stored = client.query("SELECT detection_id, code, user_id, account_id, request_id, earlier_request_id "
+                          "FROM misuse_detections FINAL").result_rows
+    assert stored == [(detection.detection_id, detection.code, "u1", "acct-1", "r-order-2", "r-order-1")]
+    diagnoses = client.query("SELECT report_id, diagnosis_class, diagnosis_surfaced_as, misuse_detection_id "
+                             "FROM report_diagnoses FINAL ORDER BY report_id").result_rows
+    assert diagnoses == [(r, "client_misuse", "server_error", detection.detection_id) for r in ("rep-1", "rep-2")]
+    [(source, reason)] = client.query("SELECT source_topic, reason FROM dead_letters FINAL").result_rows
+    assert source == settings.topic("misuse-detections") and "code" in reason
+    report = lookup.report_detail(client, "rep-1")
+    assert report.misuse is not None and (report.misuse.code, report.surfaced_as) == (detection.code, "server_error")
+    client.command(f"DROP DATABASE IF EXISTS `{settings.clickhouse_database}`")
 
 
 def _start_serve(settings: Settings, log: Path) -> subprocess.Popen:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
+from rich.console import Console
 
 from sinks.clickhouse_rows import MAPPINGS, RecordMeta, to_landing_json, to_row
 from span_factory import client, server
@@ -23,11 +25,13 @@ from supportlens.contracts import (
     FaultReport,
     Hop,
     IncidentEvent,
+    MisuseDetection,
     Network,
     encode,
 )
 from supportlens.errors import UserError
 from supportlens.store import lookup
+from supportlens.support import render
 from supportlens.support.access import DirectSupport
 from supportlens.support.api import build_support_app
 
@@ -277,3 +281,145 @@ def test_support_api_answers_json_and_refuses_bad_input_with_400(db):
             assert tables["rows"]["requests"] == 4
 
     asyncio.run(scenario())
+
+
+# --- misuse found in sequences (issue #18): detections, traced reports, their lookups ---------
+
+MISUSE_AT = T0 - 5 * 60_000_000  # the misusing order: five minutes before the payment failed
+
+
+def _detection(**kw) -> MisuseDetection:
+    return MisuseDetection(**{
+        "detection_id": "idempotency-key-reuse:r-order-2", "rule": "idempotency-key-reuse",
+        "code": "IDEMPOTENCY_KEY_REUSED", "user_id": "u1", "account_id": "acct-1", "at_us": MISUSE_AT,
+        "request_id": "r-order-2", "earlier_request_id": "r-order-1", "session_id": "sess-1",
+        "evidence": "POST /v1/orders at 08:00:00 reused the idempotency_key k-7 of request r-order-1 "
+                    "(07:59:10) with another body_sha256",
+        "detected_at_us": MISUSE_AT + 1_000, **kw})
+
+
+def _traced(report: DiagnosedReport, detection: MisuseDetection) -> DiagnosedReport:
+    """The report as the sequence worker re-emits it: the misuse, the symptom kept (streams/sequences.trace)."""
+    seen = report.diagnosis
+    return msgspec.structs.replace(report, diagnosed_at_us=report.diagnosed_at_us + 30_000_000, diagnosis=Diagnosis(
+        cls="client_misuse", service=seen.service, code=detection.code, surfaced_as=seen.cls,
+        misuse_detection_id=detection.detection_id, evidence=f"{detection.evidence}; later it surfaced as {seen.cls}",
+    ), title="This order reused another order's idempotency key")
+
+
+def _misuse_sample(db) -> MisuseDetection:
+    """_sample's payment failure, reported, then traced to a misuse made before the lookup window."""
+    _sample(db)
+    detection = _detection()
+    [untraced] = [DiagnosedReport(
+        report_id="rep-1", received_at_us=T0 + 60_000_000, diagnosed_at_us=T0 + 61_000_000, user_id="u1",
+        account_id="acct-1", client_ip="203.0.113.7", diagnosis=Diagnosis(cls="server_error", service="payment"),
+        title="我们的支付服务出现故障", locale="zh-CN")]
+    _insert(db, "misuse-detections", [detection, detection])  # a restarted worker wrote it again
+    _insert(db, "reports-diagnosed", [_traced(untraced, detection)])
+    _insert(db, "reports-diagnosed", [untraced])  # the symptom's diagnosis, re-delivered late: still older
+    _insert(db, "misuse-detections", [_detection(detection_id="polling-too-fast:r-poll-1", rule="polling-too-fast",
+                                                 code="POLLING_TOO_FAST", at_us=T0 + 120_000_000,
+                                                 request_id="r-poll-20", earlier_request_id="r-poll-1"),
+                                      _detection(detection_id="polling-too-fast:r-poll-9", user_id="u2",
+                                                 account_id="acct-2", at_us=T0, request_id="r-poll-9")])
+    return detection
+
+
+def _text(renderable) -> str:
+    console = Console(record=True, width=400, color_system=None)
+    console.print(renderable)
+    return " ".join(console.export_text().split())
+
+
+def test_a_detection_is_one_row_and_a_traced_diagnosis_replaces_the_symptom(db):
+    _misuse_sample(db)
+    assert store.table_counts(db).rows["misuse_detections"] == 3
+    rows = db.query("SELECT diagnosis_class, diagnosis_code, diagnosis_surfaced_as, misuse_detection_id "
+                    "FROM report_diagnoses FINAL WHERE report_id = 'rep-1'").result_rows
+    assert rows == [("client_misuse", "IDEMPOTENCY_KEY_REUSED", "server_error", "idempotency-key-reuse:r-order-2")]
+    # the support views of 0007, re-created: the trace of a report, and misuse in a customer's story
+    view = db.query("SELECT diagnosis_class, diagnosis_surfaced_as, misuse_detection_id FROM fault_reports_diagnosed "
+                    "WHERE report_id = 'rep-1'").result_rows
+    assert view == [("client_misuse", "server_error", "idempotency-key-reuse:r-order-2")]
+    story = db.query("SELECT kind, id, what, detail FROM customer_timeline WHERE user_id = 'u1' "
+                     "AND kind IN ('misuse', 'report') ORDER BY at").result_rows
+    assert [(kind, id_) for kind, id_, _, _ in story] == [
+        ("misuse", "idempotency-key-reuse:r-order-2"), ("report", "rep-1"), ("misuse", "polling-too-fast:r-poll-1")]
+    assert story[0][2] == "misuse: IDEMPOTENCY_KEY_REUSED (idempotency-key-reuse)"
+    assert story[1][3].endswith("(traced to idempotency-key-reuse:r-order-2, surfaced as server_error)")
+
+
+def test_a_traced_report_names_the_earlier_misuse_it_follows_from(db):
+    detection = _misuse_sample(db)
+    report = lookup.report_detail(db, "rep-1")
+    assert (report.diagnosis_class, report.diagnosis_code, report.surfaced_as) == (
+        "client_misuse", "IDEMPOTENCY_KEY_REUSED", "server_error")
+    assert report.misuse is not None and report.misuse.detection_id == detection.detection_id
+    text = _text(render.report_view(report))
+    assert ("traced to earlier misuse: IDEMPOTENCY_KEY_REUSED (idempotency-key-reuse) at "
+            f"{render.when(MISUSE_AT)}, request r-order-2 — it surfaced as server_error") in text
+    assert "reused the idempotency_key k-7 of request r-order-1" in text
+    # the report's new diagnosis may land before its detection does: the trace still shows
+    db.command("TRUNCATE TABLE misuse_detections")
+    pending = lookup.report_detail(db, "rep-1")
+    assert pending.misuse is None and pending.misuse_detection_id == detection.detection_id
+    assert ("earlier misuse: IDEMPOTENCY_KEY_REUSED (detection idempotency-key-reuse:r-order-2, not stored yet) "
+            "— it surfaced as server_error") in _text(render.report_view(pending))
+    untraced = lookup.report_detail(db, "rep-1")
+    assert "traced to" not in _text(render.report_view(msgspec.structs.replace(untraced, misuse_detection_id="")))
+
+
+def test_the_timeline_lists_the_misuse_a_customer_made(db):
+    _misuse_sample(db)
+    since = T0 - 60_000_000  # after the misuse: it is shown because a report of the window follows from it
+    by_user = lookup.timeline(db, "user", "u1", since, NOW)
+    assert [(m.detection_id, m.reports) for m in by_user.misuse] == [
+        ("polling-too-fast:r-poll-1", 0), ("idempotency-key-reuse:r-order-2", 1)]
+    [traced] = [e for e in by_user.entries if e.kind == "report"]
+    assert (traced.diagnosis_class, traced.surfaced_as) == ("client_misuse", "server_error")
+    by_account = lookup.timeline(db, "account", "acct-2", NOW - 24 * HOUR_US, NOW)
+    assert [m.detection_id for m in by_account.misuse] == ["polling-too-fast:r-poll-9"]
+    by_ip = lookup.timeline(db, "ip", "203.0.113.7", NOW - 24 * HOUR_US, NOW)  # through the users seen from it
+    assert [m.user_id for m in by_ip.misuse] == ["u1", "u1"]
+    text = _text(render.timeline_table(by_user))
+    assert ("misuse found: IDEMPOTENCY_KEY_REUSED (idempotency-key-reuse) at "
+            f"{render.when(MISUSE_AT)}, request r-order-2, user u1 · account acct-1, explains 1 fault report") in text
+    assert "client_misuse (surfaced as server_error)" in text
+    assert lookup.timeline(db, "user", "u3", NOW - 24 * HOUR_US, NOW).misuse == []
+
+
+def test_the_support_api_gives_the_misuse_with_the_timeline_and_the_report(db):
+    _misuse_sample(db)
+
+    async def scenario():
+        app = build_support_app(DirectSupport(db), CollectorRegistry())
+        async with TestClient(TestServer(app)) as http:
+            body = await (await http.get("/v1/timeline", params={"account": "acct-1", "since_us": NOW - 24 * HOUR_US,
+                                                                 "until_us": NOW})).json()
+            assert [m["code"] for m in body["misuse"]] == ["POLLING_TOO_FAST", "IDEMPOTENCY_KEY_REUSED"]
+            report = await (await http.get("/v1/report", params={"id": "rep-1"})).json()
+            assert report["surfaced_as"] == "server_error" and report["misuse"]["request_id"] == "r-order-2"
+
+    asyncio.run(scenario())
+
+
+def test_a_store_from_before_0013_keeps_its_diagnoses_and_gains_the_trace(store_settings, monkeypatch):
+    client = store.connect(store_settings)
+    every = store.migrations()
+    monkeypatch.setattr(store, "migrations", lambda: every[:12])
+    monkeypatch.setattr(store, "TTL_COLUMNS", {k: v for k, v in store.TTL_COLUMNS.items() if k != "misuse_detections"})
+    store.migrate(client, store_settings)
+    old = [c for c in MAPPINGS["reports-diagnosed"].columns if c not in ("diagnosis_surfaced_as", "misuse_detection_id")]
+    row = dict(zip(MAPPINGS["reports-diagnosed"].columns, to_row("reports-diagnosed", encode(DiagnosedReport(
+        report_id="rep-old", received_at_us=T0, diagnosed_at_us=T0 + 1, client_ip="203.0.113.7",
+        diagnosis=Diagnosis(cls="server_error"))), RecordMeta(0, 0, 0), 1_048_576)))
+    client.insert("report_diagnoses", [[row[c] for c in old]], column_names=old)
+    monkeypatch.undo()
+    try:
+        assert store.migrate(client, store_settings)[0] == "0013_misuse_detections"
+        assert client.query("SELECT diagnosis_class, diagnosis_surfaced_as, misuse_detection_id "
+                            "FROM report_diagnoses FINAL").result_rows == [("server_error", "", "")]
+        assert lookup.report_detail(client, "rep-old").misuse is None
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS `{store_settings.clickhouse_database}`")

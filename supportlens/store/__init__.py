@@ -39,6 +39,7 @@ TTL_COLUMNS: dict[str, str] = {
     "changes": "started_at",
     "notifications": "created_at",
     "notification_deliveries": "at",
+    "misuse_detections": "at",
 }
 
 # The tables a row count means something for (views and indexes left out).

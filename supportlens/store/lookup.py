@@ -18,6 +18,8 @@ import msgspec
 from clickhouse_connect.driver.client import Client
 
 from supportlens.errors import UserError
+from supportlens.store import misuse
+from supportlens.store.misuse import MisuseHit
 from supportlens.store.paths import PathStep, path_before
 
 KeyKind = Literal["ip", "user", "account"]
@@ -113,6 +115,8 @@ class TimelineEntry(msgspec.Struct, frozen=True, kw_only=True):
     network: str = ""
     app_version: str = ""
     platform: str = ""
+    surfaced_as: str = ""  # a report traced to an earlier misuse: the class its failure looked like
+    misuse_detection_id: str = ""
 
     def dimension(self, name: str) -> str:
         """This entry's value in an incident dimension (names as surges and incidents use them)."""
@@ -157,6 +161,7 @@ class Timeline(msgspec.Struct, frozen=True, kw_only=True):
     reports: int
     entries: list[TimelineEntry]  # newest first, at most `limit` of each kind
     incidents: list[IncidentHit] = []
+    misuse: list[MisuseHit] = []  # found in the customer's sequences in the window, or explaining a report of it
 
 
 class ChainSpan(msgspec.Struct, frozen=True, kw_only=True):
@@ -213,6 +218,10 @@ class ReportDetail(msgspec.Struct, frozen=True, kw_only=True):
     diagnosis_class: str = ""
     diagnosis_service: str = ""
     diagnosis_team: str = ""
+    diagnosis_code: str = ""
+    surfaced_as: str = ""  # traced to an earlier misuse: the class the failure looked like on its own
+    misuse_detection_id: str = ""
+    misuse: MisuseHit | None = None  # that detection, once the sink has stored it
     title: str = ""
     explanation: str = ""
     action: str = ""
@@ -272,7 +281,8 @@ def timeline(client: Client, kind: str, key: str, since_us: int, until_us: int, 
     column = KEY_COLUMNS[kind]
     reports = client.query(
         "SELECT toUnixTimestamp64Micro(r.received_at), r.report_id, r.user_message, d.diagnosis_class, "
-        "d.diagnosis_service, d.title, r.client_ip, r.user_id, r.account_id, d.drill "
+        "d.diagnosis_service, d.title, r.client_ip, r.user_id, r.account_id, d.drill, d.diagnosis_surfaced_as, "
+        "d.misuse_detection_id "
         f"FROM (SELECT * FROM fault_reports FINAL WHERE {column} = {{key:String}} "
         "AND received_at >= fromUnixTimestamp64Micro({since:Int64}) AND received_at < fromUnixTimestamp64Micro({until:Int64}) "
         "ORDER BY received_at DESC LIMIT {limit:UInt32}) AS r "
@@ -289,13 +299,29 @@ def timeline(client: Client, kind: str, key: str, since_us: int, until_us: int, 
     ] + [
         TimelineEntry(at_us=r[0], kind="report", id=r[1], what=r[2], diagnosis_class=r[3] or "pending",
                       service=r[4], status="diagnosed" if r[3] else "pending", duration_us=0, detail=r[5],
-                      client_ip=r[6], user_id=r[7], account_id=r[8], drill=bool(r[9]))
+                      client_ip=r[6], user_id=r[7], account_id=r[8], drill=bool(r[9]), surfaced_as=r[10],
+                      misuse_detection_id=r[11])
         for r in reports
     ]
     entries.sort(key=lambda e: (e.at_us, e.kind), reverse=True)
     return Timeline(key_kind=kind, key=key, since_us=since_us, until_us=until_us, requests=counts[0],
                     failed=counts[1], reports=len(reports), entries=entries,
-                    incidents=_incidents_hit(client, entries, since_us, until_us))
+                    incidents=_incidents_hit(client, entries, since_us, until_us),
+                    misuse=_misuse_of(client, kind, key, entries, since_us, until_us, limit))
+
+
+def _misuse_of(client: Client, kind: str, key: str, entries: list[TimelineEntry], since_us: int, until_us: int,
+               limit: int) -> list[MisuseHit]:
+    """The customer's detections: a user's or an account's own; for an IP, those of the users
+    seen from it (a detection carries no address)."""
+    traced = [e.misuse_detection_id for e in entries if e.misuse_detection_id]
+    if kind == "ip":
+        users = sorted({e.user_id for e in entries if e.user_id})
+        hits = misuse.detections(client, "user", users, since_us, until_us, traced, limit)
+    else:
+        hits = misuse.detections(client, "account" if kind == "account" else "user", [key], since_us, until_us,
+                                 traced, limit)
+    return misuse.with_reports(hits, traced)
 
 
 def _incidents_hit(client: Client, entries: list[TimelineEntry], since_us: int, until_us: int) -> list[IncidentHit]:
@@ -369,7 +395,8 @@ def report_detail(client: Client, report_id: str) -> ReportDetail:
     ).result_rows
     diagnoses = client.query(
         "SELECT diagnosis_class, diagnosis_service, diagnosis_team, title, explanation, action, doc_url, "
-        "toUnixTimestamp64Micro(received_at), client_ip, user_id, account_id, locale, request_ids "
+        "toUnixTimestamp64Micro(received_at), client_ip, user_id, account_id, locale, request_ids, "
+        "diagnosis_code, diagnosis_surfaced_as, misuse_detection_id "
         "FROM report_diagnoses FINAL WHERE report_id = {id:String}", parameters=params,
     ).result_rows
     if not rows and not diagnoses:
@@ -385,7 +412,8 @@ def report_detail(client: Client, report_id: str) -> ReportDetail:
         base = dict(received_at_us=d[7], client_ip=d[8], user_id=d[9], account_id=d[10], locale=d[11],
                     request_ids=list(d[12]))
     diagnosis = dict(diagnosed=True, diagnosis_class=d[0], diagnosis_service=d[1], diagnosis_team=d[2],
-                     title=d[3], explanation=d[4], action=d[5], doc_url=d[6]) if d else {}
+                     title=d[3], explanation=d[4], action=d[5], doc_url=d[6], diagnosis_code=d[13],
+                     surfaced_as=d[14], misuse_detection_id=d[15], misuse=misuse.detection(client, d[15])) if d else {}
     before = path_before(client, str(base.get("user_id", "")), int(base["received_at_us"]))  # type: ignore[arg-type]
     return ReportDetail(report_id=report_id, found=True, **base, **diagnosis, path=before)
 

@@ -15,13 +15,15 @@ from supportlens.contracts import Account, IncidentEvent
 from supportlens.fit import Fitted, fit
 from supportlens.store.paths import CommonPaths, summary
 from supportlens.store import TableCounts
-from supportlens.store.lookup import ReportDetail, RequestChain, Timeline, TopProblems
+from supportlens.store.lookup import ReportDetail, RequestChain, Timeline, TimelineEntry, TopProblems
+from supportlens.store.misuse import MisuseHit
 
 CLASS_STYLES = {
     "ok": "green", "network_unreachable": "magenta", "network_slow": "magenta", "server_error": "red",
     "server_slow": "yellow", "client_misuse": "cyan", "client_crash": "red", "unknown": "dim", "pending": "dim",
 }
 WATERFALL_WIDTH = 40
+MISUSE_SHOWN = 5  # detections under a timeline; --json has every one
 
 
 def when(us: int) -> str:
@@ -36,6 +38,32 @@ def _cls(name: str) -> Text:
     return Text(name, style=CLASS_STYLES.get(name, ""))
 
 
+def _diagnosis(entry: TimelineEntry) -> Text:
+    """The entry's class; a report traced to an earlier misuse also says what it looked like."""
+    text = _cls(entry.diagnosis_class)
+    if entry.surfaced_as:
+        text.append(f" (surfaced as {entry.surfaced_as})", style="dim")
+    return text
+
+
+def misuse_line(hit: MisuseHit) -> str:
+    """One detection in a line: what, when, which request, whose, and the reports it explains."""
+    who = " · ".join(f"{k} {v}" for k, v in (("user", hit.user_id), ("account", hit.account_id)) if v)
+    traced = f", explains {hit.reports} fault report{'s' if hit.reports != 1 else ''}" if hit.reports else ""
+    return (f"{hit.code} ({hit.rule}) at {when(hit.at_us)}, request {hit.request_id or '—'}"
+            + (f", {who}" if who else "") + (" (drill)" if hit.drill else "") + traced)
+
+
+def traced_line(report: ReportDetail) -> str:
+    """Where a traced report's failure came from: the earlier misuse and what it surfaced as."""
+    hit = report.misuse
+    if hit is None:  # the report's new diagnosis landed before the detection did
+        return (f"earlier misuse: {report.diagnosis_code} (detection {report.misuse_detection_id}, not stored yet)"
+                f" — it surfaced as {report.surfaced_as}")
+    return (f"earlier misuse: {hit.code} ({hit.rule}) at {when(hit.at_us)}, request {hit.request_id or '—'}"
+            f" — it surfaced as {report.surfaced_as}")
+
+
 def timeline_table(result: Timeline) -> Fitted:
     title = (f"{result.key_kind} {result.key}: {result.requests:,} requests ({result.failed:,} failed), "
              f"{result.reports:,} fault reports, {when(result.since_us)} → {when(result.until_us)}")
@@ -43,15 +71,21 @@ def timeline_table(result: Timeline) -> Fitted:
                   title=title, title_justify="left")
     for e in result.entries:
         table.add_row(
-            when(e.at_us), e.kind + (" (drill)" if e.drill else ""), e.id, e.what[:60], _cls(e.diagnosis_class),
+            when(e.at_us), e.kind + (" (drill)" if e.drill else ""), e.id, e.what[:60], _diagnosis(e),
             e.service, e.status, millis(e.duration_us) if e.kind == "request" else "", e.detail[:80],
         )
-    if not result.entries:
-        table.caption = "nothing in this window: try a longer --since, or another key"
-    elif result.incidents:
-        table.caption = "fell into: " + "; ".join(
+    captions = []
+    if not result.entries and not result.misuse:
+        captions.append("nothing in this window: try a longer --since, or another key")
+    if result.incidents:
+        captions.append("fell into: " + "; ".join(
             f"{i.incident_id} {i.severity} {i.title or i.root_key} ({i.state}, {i.requests} failed requests)"
-            for i in result.incidents)
+            for i in result.incidents))
+    captions += [escape(f"misuse found: {misuse_line(hit)}") for hit in result.misuse[:MISUSE_SHOWN]]
+    if len(result.misuse) > MISUSE_SHOWN:
+        captions.append(f"… and {len(result.misuse) - MISUSE_SHOWN} more misuse detections (--json lists them)")
+    table.caption = "\n".join(captions) or None
+    table.caption_justify = "left"  # lines of their own, read like the title
     return fit(table, ids={"id"}, optional=("status", "duration", "service"))
 
 
@@ -101,6 +135,10 @@ def report_view(report: ReportDetail) -> Panel | Text:
                       f"{('(' + report.diagnosis_team + ')') if report.diagnosis_team else ''}"
          if report.diagnosed else "pending"),
     ]
+    if report.misuse_detection_id:
+        rows.append(("traced to", escape(traced_line(report))))
+        if report.misuse is not None and report.misuse.evidence:
+            rows.append(("", escape(report.misuse.evidence)))
     if report.diagnosed:
         rows += [("told the user", report.title), ("", report.explanation), ("suggested", report.action),
                  ("doc", report.doc_url or "—")]
