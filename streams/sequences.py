@@ -11,8 +11,9 @@ and every diagnosed report a rule could explain; these pure functions keep one u
 * :func:`on_step` — a request or behaviour event; may detect a misuse (``reused_key`` and
   ``too_frequent`` at once; ``missing_precursor`` after a grace, :func:`on_due`, since the
   precursor may be read later than the request it precedes);
-* :func:`on_report` — a diagnosed report; traced to a detection that covers it, or held
-  until one does (a detection read after the report still explains it).
+* :func:`on_report` — a diagnosed report; traced to the detection that explains it best
+  (one whose requests it names, else the latest in reach), and kept: a detection read after
+  the report still explains it, or explains it better.
 
 A traced report is a newer version of the diagnosed report (``diagnosed_at_us`` later), so
 it replaces the symptom's diagnosis downstream. Steps are deduplicated by request id: a
@@ -72,7 +73,7 @@ class UserState(msgspec.Struct):
     polls: dict[str, list[tuple[int, str]]] = {}  # rule → calls (at µs, request id), in time order
     pending: list[Candidate] = []
     detections: list[MisuseDetection] = []
-    reports: list[DiagnosedReport] = []  # not traced (yet): a detection read later may explain one
+    reports: list[DiagnosedReport] = []  # as diagnosed (untraced): a detection read later may explain one
     traced: dict[str, str] = {}  # report id → the detection that explains it
 
 
@@ -184,17 +185,17 @@ def on_report(state: UserState, report: DiagnosedReport, catalog: Catalog, now_u
     if report.diagnosis.misuse_detection_id:
         return Found()  # traced already (our own output, or a tracing worker before a restart)
     state.latest_us = max(state.latest_us, report.received_at_us)
-    known = state.traced.get(report.report_id)
-    for detection in reversed(state.detections):
-        if (known is None or detection.detection_id == known) and _covers(detection, report, catalog):
-            # A report diagnosed again (its request learned more) is traced again: else its
-            # newer, untraced version would replace the traced one downstream.
-            state.traced[report.report_id] = detection.detection_id
-            return Found(reports=[trace(report, detection, catalog, now_us)])
+    # kept, traced or not: a detection read later may explain it better (or at all)
     state.reports = [r for r in state.reports if r.report_id != report.report_id] + [report]
     state.reports = state.reports[-MAX_REPORTS:]
     _prune(state, catalog)
-    return Found()
+    detection = _best(state, report, catalog)
+    if detection is None:
+        return Found()
+    # A report diagnosed again (its request learned more) is traced again: else its newer,
+    # untraced version would replace the traced one downstream.
+    state.traced[report.report_id] = detection.detection_id
+    return Found(reports=[trace(report, detection, catalog, now_us)])
 
 
 def pending_due(state: UserState) -> float | None:
@@ -308,15 +309,22 @@ def _detected(state: UserState, detection: MisuseDetection, catalog: Catalog, no
     detection = msgspec.structs.replace(detection, detected_at_us=now_us)
     state.detections = (state.detections + [detection])[-MAX_DETECTIONS:]
     found = Found(detections=[detection])
-    left = []
     for report in state.reports:
-        if _covers(detection, report, catalog):
-            state.traced[report.report_id] = detection.detection_id
-            found.reports.append(trace(report, detection, catalog, now_us))
-        else:
-            left.append(report)
-    state.reports = left
+        best = _best(state, report, catalog)
+        if best is not None and state.traced.get(report.report_id) != best.detection_id:
+            state.traced[report.report_id] = best.detection_id
+            found.reports.append(trace(report, best, catalog, now_us))
     return found
+
+
+def _best(state: UserState, report: DiagnosedReport, catalog: Catalog) -> MisuseDetection | None:
+    """The detection that explains a report best: one whose requests the report names (the
+    app lists the requests before the failure), else the latest that covers it. Episodes of
+    one integration overlap: time alone would blame the wrong order."""
+    named = set(report.request_ids)
+    covering = [d for d in state.detections if _covers(d, report, catalog)]
+    return max(covering, key=lambda d: (d.request_id in named or d.earlier_request_id in named, d.at_us),
+               default=None)
 
 
 def _covers(detection: MisuseDetection, report: DiagnosedReport, catalog: Catalog) -> bool:
@@ -345,7 +353,8 @@ def _prune(state: UserState, catalog: Catalog) -> None:
     state.detections = [d for d in state.detections if d.at_us >= now - longest]
     state.reports = [r for r in state.reports if r.received_at_us >= now - longest]
     live = {d.detection_id for d in state.detections}
-    state.traced = {r: d for r, d in state.traced.items() if d in live}
+    kept = {r.report_id for r in state.reports}
+    state.traced = {r: d for r, d in state.traced.items() if d in live and r in kept}
 
 
 def is_idle(state: UserState) -> bool:

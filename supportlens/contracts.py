@@ -551,7 +551,7 @@ class MisuseDetection(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     code: Name  # the catalog code it counts as (its wording, its doc)
     user_id: OptionalId = ""
     account_id: OptionalId = ""
-    at_us: TimestampUs  # when the misuse happened (the misusing request)
+    at_us: TimestampUs  # when the misusing request started (its span read first: the client's or its entry hop's)
     request_id: OptionalId = ""
     earlier_request_id: OptionalId = ""  # the request it conflicts with, where there is one
     session_id: OptionalId = ""

@@ -58,6 +58,7 @@ class Day:
     day: date
     report_truth: Counter[str]  # expected class of each fault report of the day (the simulator's labels)
     diagnosed: Counter[str]  # the class each was diagnosed with (what the store holds)
+    untraced: Counter[str]  # the offline diagnoses of the day's sequence-misuse reports (truth: client_misuse)
     failed_by_problem: Counter[tuple[str, str]]  # (class, service) of the day's correlated failed requests
     requests: int
     incidents: dict[str, Any]  # declared incident events of the day, by id
@@ -81,6 +82,7 @@ def filled(clickhouse_target, tmp_path_factory) -> Day:
     settings, client = own_database(clickhouse_target.dsn, tmp_path_factory.mktemp("reports-state"))
     truth: Counter[str] = Counter()
     diagnosed: Counter[str] = Counter()
+    untraced: Counter[str] = Counter()
     failed: Counter[tuple[str, str]] = Counter()
     requests_of_day = 0
     incidents, told, advice = {}, {}, []
@@ -111,6 +113,8 @@ def filled(clickhouse_target, tmp_path_factory) -> Day:
         if plan.start_us >= at(day, 0):
             truth += Counter(label.expected_class for label in labels if isinstance(label, ReportLabel))
             diagnosed += Counter(d.diagnosis.cls for d in diagnoses)
+            episodes = {e.report_id for e in simulation.summary().sequence_misuse.episodes}
+            untraced += Counter(d.diagnosis.cls for d in diagnoses if d.report_id in episodes)
             failed += Counter((r.diagnosis.cls, r.diagnosis.service or r.root_service) for r in requests
                               if r.diagnosis.cls != "ok")
             requests_of_day += len(requests)
@@ -122,7 +126,7 @@ def filled(clickhouse_target, tmp_path_factory) -> Day:
                     told.setdefault(notice.incident_id, set()).add(notice.account_id)
                 elif notice.kind == "misuse_advice":
                     advice.append(notice.account_id)
-    return Day(client, settings.clickhouse_database, day, truth, diagnosed, failed, requests_of_day, incidents, told, advice)
+    return Day(client, settings.clickhouse_database, day, truth, diagnosed, untraced, failed, requests_of_day, incidents, told, advice)
 
 
 def test_the_daily_figures_match_the_simulated_day(filled):
@@ -130,8 +134,13 @@ def test_the_daily_figures_match_the_simulated_day(filled):
     assert figures.day == filled.day.isoformat()
     assert figures.reports == sum(filled.report_truth.values())
     assert {c.value: c.count for c in figures.reports_by_class} == dict(filled.diagnosed)
-    right = sum(min(n, filled.diagnosed[cls]) for cls, n in filled.report_truth.items())
-    assert right >= 0.95 * figures.reports  # and the diagnoses are the simulator's truth, but for a few
+    # The offline path (streams/offline.py) does not trace sequences: a sequence-misuse report is
+    # diagnosed as the payment failure it looks like, not the misuse it is (the stream traces
+    # it, tested on Kafka). Those are left out of the comparison with the truth.
+    assert filled.untraced and set(filled.untraced) == {"server_error"}
+    truth = filled.report_truth - Counter({"client_misuse": filled.untraced.total()})
+    right = sum(min(n, (filled.diagnosed - filled.untraced)[cls]) for cls, n in truth.items())
+    assert right >= 0.95 * truth.total()  # and the diagnoses are the simulator's truth, but for a few
     # uniq() is exact below 65,536 distinct values and within about 1 % above (the dashboards' own count)
     assert figures.requests == pytest.approx(filled.requests, rel=0.01)
     assert figures.failed_requests == sum(filled.failed_by_problem.values())

@@ -31,10 +31,11 @@ def step(name: str, request_id: str, at_s: float, session: str = "", behaviour: 
 
 
 def report(report_id: str, at_s: float, cls: str = "server_error", service: str = "payment",
-           locale: str = "en") -> DiagnosedReport:
+           locale: str = "en", names: tuple[str, ...] = ()) -> DiagnosedReport:
     return DiagnosedReport(
         report_id=report_id, received_at_us=T0 + int(at_s * S), diagnosed_at_us=T0 + int(at_s * S) + 3 * S,
         user_id="user-1", account_id="acct-1", locale=locale, primary_request_id="pay-1",
+        request_ids=["pay-1", *names],
         diagnosis=Diagnosis(cls=cls, service=service, team="payments", code="AMOUNT_MISMATCH",
                             evidence="payment answered 500 AMOUNT_MISMATCH after 80 ms", catalog_version=2),
         title="Our payment service failed")
@@ -100,6 +101,27 @@ def test_a_report_read_before_the_misuse_was_detected_is_traced_when_it_is():
     found = on_step(state, order("o-2", 12, body="h-2"), CATALOG, NOW)
     assert [d.request_id for d in found.detections] == ["o-2"]
     assert [(r.report_id, r.diagnosis.code) for r in found.reports] == [("r-1", "IDEMPOTENCY_KEY_REUSED")]
+
+
+@pytest.mark.parametrize("reports_first", [False, True])
+def test_overlapping_misuses_each_explain_the_report_that_names_their_order(reports_first):
+    """One integration, two episodes: the second's reuse comes before the first's report. Each
+    report is traced to the order it names, not to the latest misuse in reach."""
+    state = UserState()
+    steps = [order("a-1", 0, key="k-a", body="h-1"), order("a-2", 10, key="k-a", body="h-2"),
+             order("b-1", 40, key="k-b", body="h-3"), order("b-2", 50, key="k-b", body="h-4")]
+    reports = [report("r-a", 100, names=("a-2", "a-1")), report("r-b", 120, names=("b-2", "b-1"))]
+    traced: dict[str, str] = {}
+
+    def take(found):
+        traced.update({r.report_id: r.diagnosis.misuse_detection_id for r in found.reports})
+
+    for item in (reports + steps if reports_first else steps + reports):
+        if isinstance(item, DiagnosedReport):
+            take(on_report(state, item, CATALOG, T0 + 200 * S))
+        else:
+            take(on_step(state, item, CATALOG, NOW))
+    assert traced == {"r-a": "idempotency-key-reuse:a-2", "r-b": "idempotency-key-reuse:b-2"}
 
 
 def test_a_report_diagnosed_again_is_traced_again():

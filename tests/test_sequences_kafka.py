@@ -124,3 +124,60 @@ def test_a_reused_idempotency_key_is_detected_and_names_the_later_payment_failur
         assert headers["reason"] == b"field `name`: expected `str`, got `int`"
     finally:
         worker.stop()
+
+
+def test_the_simulated_integrations_misuse_is_found_and_names_each_later_report(kafka, tmp_path: Path):
+    """The simulator's ground truth: one standard account's integration reuses idempotency keys
+    (supportlens/simulator/misuse.py); every reuse is detected as the order it labels, and every
+    report of the payment failure that follows is traced to its own misuse, in the user's words."""
+    from datetime import datetime, timedelta, timezone
+
+    from sinks.run_summary import score
+    from supportlens.contracts import CorrelatedRequest
+    from supportlens.simulator.labels import read_labels
+    from supportlens.simulator.run import SimulateOptions, simulate
+    from streams.catalog import load_catalog
+
+    settings = _settings(kafka)
+    provision(settings)
+    worker = WorkerProcess(settings, tmp_path / "worker.log", **FAST).wait_ready()
+    try:
+        start = datetime.now(timezone.utc) - timedelta(seconds=900)
+        labels_path = tmp_path / "labels.jsonl"
+        run = simulate(settings, SimulateOptions("quiet-night", rate=20, duration_s=400, seed=5, users=1500,
+                                                 speed=0, start=start, labels_path=labels_path))
+        truth = run.sequence_misuse
+        assert truth is not None and len(truth.episodes) >= 3  # overlapping episodes of one user
+
+        def traced() -> dict[str, DiagnosedReport]:
+            newest: dict[str, DiagnosedReport] = {}
+            for r in _read(settings, "reports-diagnosed", DiagnosedReport):
+                if r.report_id not in newest or newest[r.report_id].diagnosed_at_us <= r.diagnosed_at_us:
+                    newest[r.report_id] = r
+            wanted = {e.report_id for e in truth.episodes}
+            got = {rid: r for rid, r in newest.items() if rid in wanted and r.diagnosis.misuse_detection_id}
+            return got if len(got) == len(wanted) else {}
+
+        told = _wait(traced, 120, worker)
+        detections = {d.request_id: d for d in _read(settings, "misuse-detections", MisuseDetection)}
+        wording = load_catalog().codes[truth.code]
+        for episode in truth.episodes:
+            detection = detections[episode.misuse_request_id]
+            assert (detection.earlier_request_id, detection.code, detection.account_id) == (
+                episode.earlier_request_id, truth.code, truth.account_id)
+            # the time of whichever span of the order was read first: the client's, or its entry hop's
+            assert abs(detection.at_us - episode.misuse_at_us) < 1_000_000
+            report = told[episode.report_id]
+            assert report.diagnosis.misuse_detection_id == detection.detection_id, episode
+            assert (report.diagnosis.cls, report.diagnosis.surfaced_as, report.diagnosis.service) == (
+                "client_misuse", truth.surfaced_as, truth.surfaced_in)
+            expected = wording.zh_cn if report.locale == "zh-CN" else wording.en
+            assert report.title == expected.title
+        # nothing else of the run is taken for this misuse: the rest of the traffic has no key
+        assert set(detections) == {e.misuse_request_id for e in truth.episodes}
+        # and the run's report diagnoses, newest first, count these as the misuse they are
+        result = score(read_labels(labels_path), _read(settings, "requests", CorrelatedRequest),
+                       _read(settings, "reports-diagnosed", DiagnosedReport))
+        assert all(result.diagnosed[e.report_id].diagnosis.cls == "client_misuse" for e in truth.episodes)
+    finally:
+        worker.stop()

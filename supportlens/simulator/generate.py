@@ -5,8 +5,9 @@ requests at ``rate × its share of users × its time-of-day factor``; each reque
 gets an outcome (the scenario's fault while it is active, else background noise,
 else ok) and becomes one client span and the server spans of its call chain, all
 sharing one request id. Some users whose request failed file a fault report a few
-seconds later, carrying their client IP, request ids and recent client spans.
-Ground truth goes to labels, never into the events.
+seconds later, carrying their client IP, request ids and recent client spans. Behaviour
+paths (``behaviour``) and one account's sequence misuse (``misuse``) join in, each from a
+generator of its own. Ground truth goes to labels, never into the events.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import heapq
 import math
 import random
-import uuid
 from collections import Counter, defaultdict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,11 +27,12 @@ from supportlens.simulator.behaviour import BehaviourPaths
 from supportlens.simulator.labels import (
     ChangeLabel, IncidentWindow, ReportLabel, RequestLabel, RolloutLabel, RolloutStep, RunLabel,
 )
+from supportlens.simulator.misuse import SequenceMisuse
 from supportlens.simulator.draws import poisson
-from supportlens.simulator.world import OPERATION_BY_NAME, OPERATIONS, SERVICES, Operation, User, World
+from supportlens.simulator.spans import hex_id, request_spans, serving_version, uuid4
+from supportlens.simulator.world import OPERATION_BY_NAME, OPERATIONS, Operation, User, World
 
 SECOND_US = 1_000_000
-CLIENT_SERVICE = "mobile-app"
 CLIENT_LOG_LENGTH = 10
 REPORT_COOLDOWN_US = 300 * SECOND_US  # one user files at most one report per five minutes
 REPORT_DELAY_US = (5 * SECOND_US, 60 * SECOND_US)  # a report arrives this long after the failure
@@ -47,13 +48,6 @@ REPORT_PROBABILITY = {
     sc.CLIENT_MISUSE: 0.03,
     sc.CLIENT_CRASH: 0.15,
 }
-MISUSE_CODES = (  # (code, http status, where it is refused)
-    ("ORDER_BEFORE_LOGIN", 401, "auth"),
-    ("RATE_LIMITED", 429, "edge-gateway"),
-    ("INVALID_CURRENCY", 400, "payment"),
-    ("IDEMPOTENCY_KEY_REUSED", 409, "orders"),
-)
-NETWORK_ERRORS = ("NETWORK_UNREACHABLE", "CONNECT_TIMEOUT", "DNS_FAILURE", "TLS_HANDSHAKE_TIMEOUT")
 USER_MESSAGES = {
     "en": {
         sc.OK: "Something seems off, please check.",
@@ -188,13 +182,15 @@ class Simulation:
             self.change_posts[second].append(change)
         # behaviour paths draw from a generator of their own: the traffic is the same with or without them
         self.behaviour = BehaviourPaths(plan.seed, plan.scenario.name, plan.start_us, plan.duration_s, world)
+        # so do the sequence-misuse episodes (issue #18): one account's idempotency keys reused
+        self.sequence_misuse = SequenceMisuse(plan, world)
 
     # ---- ids -------------------------------------------------------------------
     def _hex(self, bits: int) -> str:
-        return f"{self.rng.getrandbits(bits):0{bits // 4}x}"
+        return hex_id(self.rng, bits)
 
     def _uuid(self) -> str:
-        return str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+        return uuid4(self.rng)
 
     # ---- the walk ----------------------------------------------------------------
     def accounts(self) -> list[Emit]:
@@ -230,12 +226,14 @@ class Simulation:
             self._release_reports(tick, t0 + SECOND_US)
             self.behaviour.start_sessions(t0, rates)
             self._release_behaviour(tick, t0 + SECOND_US)
+            self._release_misuse(tick, t0 + SECOND_US)
             tick.events.sort(key=lambda e: e.ts_us)
             yield tick
         # reports filed after the last second still arrive: the run is not cut short (nor are sessions)
         tail = Tick(plan.duration_s)
         self._release_reports(tail, math.inf)
         self._release_behaviour(tail, math.inf)
+        self._release_misuse(tail, math.inf)
         tail.events.sort(key=lambda e: e.ts_us)
         if tail.events:
             yield tail
@@ -291,22 +289,10 @@ class Simulation:
             rollout=rollout_label,
             changes=changes,
             behaviour=self.behaviour.label(),
+            sequence_misuse=self.sequence_misuse.label(),
         )
 
     # ---- one request -----------------------------------------------------------------
-    def _serving_version(self, op: Operation, ts: int) -> str:
-        """The version of the rolled-out service that serves this request ("" without a rollout,
-        or when the request does not call that service): new with the rollout's share at ``ts``."""
-        rollout = self.plan.scenario.rollout
-        if rollout is None or rollout.service not in op.services():
-            return ""
-        share = 0.0
-        for at, step_share in self.rollout_steps:
-            if ts >= at:
-                share = step_share
-        new = share >= 1 or (share > 0 and self.rng.random() < share)
-        return rollout.to_version if new else rollout.from_version
-
     def _outcome(self, user: User, op: Operation, ts: int, version: str = "") -> tuple[sc.Fault, bool]:
         scenario = self.plan.scenario
         lo, hi = self.plan.window_us
@@ -327,11 +313,14 @@ class Simulation:
 
     def _request(self, tick: Tick, user: User, ts: int, op: Operation | None = None) -> None:
         op = op or self._pick_operation()
-        version = self._serving_version(op, ts)
+        rollout = self.plan.scenario.rollout
+        version = serving_version(rollout, self.rollout_steps, op, ts, self.rng)
         fault, in_window = self._outcome(user, op, ts, version)
         request_id = self._uuid()
         trace_id = self._hex(128)
-        server_spans, client_span, failing = self._spans(user, op, fault, request_id, trace_id, ts, version)
+        versioned = rollout.service if rollout is not None and version else ""
+        server_spans, client_span, failing = request_spans(self.rng, user, op, fault, request_id, trace_id, ts,
+                                                           versioned, version)
         self.requests += 1
         self.classes[fault.cls] += 1
         for span in server_spans:
@@ -386,137 +375,6 @@ class Simulation:
             roll -= op.weight
         return OPERATIONS[-1]
 
-    def _spans(
-        self, user: User, op: Operation, fault: sc.Fault, request_id: str, trace_id: str, ts: int, version: str = ""
-    ) -> tuple[list[Span], Span, str]:
-        """Server spans of the call chain and the client span, shaped by the fault. With a
-        ``version``, the rolled-out service's span carries it as ``service.version`` (OTel)."""
-        rollout = self.plan.scenario.rollout
-        versioned = rollout.service if rollout is not None and version else ""
-        rng = self.rng
-        rtt_ms = {"ethernet": 15, "wifi": 30, "cellular-5g": 40, "cellular-4g": 70}[user.connection_type]
-        client_span_id = self._hex(64)
-        common = dict(request_id=request_id, trace_id=trace_id)
-        if fault.cls == sc.NETWORK_UNREACHABLE:
-            code = rng.choice(NETWORK_ERRORS)
-            duration_ms = rng.uniform(8_000, 30_000) if code.endswith("TIMEOUT") else rng.uniform(5, 300)
-            client = self._client_span(user, op, common, client_span_id, ts, duration_ms, "error", None, code,
-                                       "the request could not be sent")
-            return [], client, ""
-
-        chain = op.chain
-        failing = ""
-        cut = len(chain)  # hops at or after `cut` are never called
-        slow_hop = -1
-        status_of: dict[int, tuple[int, str]] = {}
-        if fault.cls == sc.SERVER_ERROR:
-            candidates = [i for i, (s, _) in enumerate(chain) if s == fault.service] or list(range(1, len(chain))) or [0]
-            hop = candidates[0] if fault.service else rng.choice(candidates)
-            failing = chain[hop][0]
-            status_of[hop] = (503, f"{failing.upper().replace('-', '_')}_UNAVAILABLE")
-            for parent in _ancestors(chain, hop):
-                status_of[parent] = (502, "UPSTREAM_ERROR")
-            cut = hop + 1
-        elif fault.cls == sc.CLIENT_MISUSE:
-            choices = [m for m in MISUSE_CODES if m[2] in op.services()]
-            code, http, where = next((m for m in choices if m[0] == fault.code), None) or rng.choice(choices)
-            hop = op.services().index(where)
-            failing = where
-            status_of[hop] = (http, code)
-            for parent in _ancestors(chain, hop):
-                status_of[parent] = (http, code)
-            cut = hop + 1
-        elif fault.cls == sc.SERVER_SLOW:
-            slow_hop = rng.randrange(len(chain))
-            failing = chain[slow_hop][0]
-
-        # own time per hop; a parent's duration covers its children, called one after another
-        own = []
-        for i, (service, _) in enumerate(chain[:cut]):
-            spec = SERVICES[service]
-            ms = rng.lognormvariate(math.log(spec.base_ms), 0.35)
-            if i == slow_hop:
-                ms = spec.objective_ms * rng.uniform(2.5, 6)
-            own.append(ms * 1000)
-        children: dict[int, list[int]] = defaultdict(list)
-        for i, (_, parent) in enumerate(chain[:cut]):
-            if parent >= 0:
-                children[parent].append(i)
-        durations = [0.0] * cut
-        for i in reversed(range(cut)):
-            durations[i] = own[i] + sum(durations[c] for c in children[i])
-        span_ids = [self._hex(64) for _ in range(cut)]
-        starts = [0.0] * cut
-        starts[0] = ts + rtt_ms * 500  # half a round trip after the client sent it
-        for i in range(cut):
-            offset = starts[i] + own[i] * 0.3
-            for c in children[i]:
-                starts[c] = offset
-                offset += durations[c]
-
-        server = []
-        for i, (service, parent) in enumerate(chain[:cut]):
-            http, code = status_of.get(i, (201 if op.name.startswith("POST") else 200, ""))
-            server.append(
-                Span(
-                    **common,
-                    span_id=span_ids[i],
-                    parent_span_id=span_ids[parent] if parent >= 0 else client_span_id,
-                    side="server",
-                    service=service,
-                    operation=op.name if i == 0 else f"{service}.{op.screen}",
-                    start_us=int(starts[i]),
-                    duration_us=int(durations[i]),
-                    status="error" if http >= 500 else "ok",  # OTel: a 4xx is the caller's fault
-                    http_status=http,
-                    error_code=code,
-                    error_message="upstream connection refused" if http == 503 else "",
-                    user_id=user.user_id,
-                    account_id=user.account_id,
-                    app_version=user.app_version,
-                    platform=user.platform,
-                    region=user.region.name,
-                    attributes=({"team": SERVICES[service].team, "service.version": version} if service == versioned
-                                else {"team": SERVICES[service].team}),
-                )
-            )
-        total_ms = durations[0] / 1000 + rtt_ms
-        root_http, root_code = status_of.get(0, (server[0].http_status or 200, ""))
-        if fault.cls == sc.NETWORK_SLOW:
-            total_ms += rng.uniform(3_000, 12_000)
-        if fault.cls == sc.CLIENT_CRASH:
-            client = self._client_span(user, op, common, client_span_id, ts, total_ms + rng.uniform(5, 50), "error",
-                                       root_http, "APP_CRASH",
-                                       "SIGSEGV in CheckoutViewModel.render at 0x7f3a2c (libapp.so)")
-        else:
-            client = self._client_span(user, op, common, client_span_id, ts, total_ms,
-                                       "error" if root_http >= 400 else "ok", root_http, root_code, "")
-        return server, client, failing
-
-    def _client_span(self, user: User, op: Operation, common: dict[str, str], span_id: str, ts: int,
-                     duration_ms: float, status: str, http: int | None, code: str, message: str) -> Span:
-        return Span(
-            **common,
-            span_id=span_id,
-            side="client",
-            service=CLIENT_SERVICE,
-            operation=op.name,
-            start_us=ts,
-            duration_us=int(duration_ms * 1000),
-            status=status,  # type: ignore[arg-type]
-            http_status=http,
-            error_code=code,
-            error_message=message,
-            client_ip=user.client_ip,
-            user_id=user.user_id,
-            account_id=user.account_id,
-            app_version=user.app_version,
-            platform=user.platform,
-            region=user.region.name,
-            network=user.network,
-            attributes={"screen": op.screen},
-        )
-
     # ---- fault reports -------------------------------------------------------------
     def _maybe_report(self, user: User, cls: str, request_id: str, client_span: Span, ts: int, in_window: bool) -> None:
         last = self.last_report.get(user.user_id)
@@ -562,6 +420,22 @@ class Simulation:
             tick.events.append(Emit("behaviour", event.user_id, event.ts_us, event))
             self.counts["behaviour"] += 1
 
+    def _release_misuse(self, tick: Tick, until: float) -> None:
+        """The sequence-misuse episodes' records and labels before ``until``, counted as the traffic's are."""
+        for due in self.sequence_misuse.due(until):
+            if due.record is not None:
+                tick.events.append(Emit(due.topic, due.key, due.ts_us, due.record))
+                self.counts[due.topic] += 1
+            label = due.label
+            if isinstance(label, RequestLabel):
+                self.requests += 1
+                self.classes[label.expected_class] += 1
+                self.visible += int(label.server_spans > 0 or label.client_span_emitted)
+            elif isinstance(label, ReportLabel):
+                self.report_classes[label.expected_class] += 1
+            if label is not None:
+                tick.labels.append(label)
+
     def _release_reports(self, tick: Tick, until: float) -> None:
         while self.pending and self.pending[0][0] < until:
             _, _, emit, label = heapq.heappop(self.pending)
@@ -570,11 +444,3 @@ class Simulation:
             self.counts["fault-reports"] += 1
             self.report_classes[label.expected_class] += 1
 
-
-def _ancestors(chain: tuple[tuple[str, int], ...], hop: int) -> list[int]:
-    out = []
-    parent = chain[hop][1]
-    while parent >= 0:
-        out.append(parent)
-        parent = chain[parent][1]
-    return out

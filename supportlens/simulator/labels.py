@@ -119,6 +119,31 @@ class BehaviourLabel(msgspec.Struct, kw_only=True):
     withdrawn: list[WithdrawalLabel]
 
 
+class SequenceEpisodeLabel(msgspec.Struct, kw_only=True):
+    """One episode of the sequence misuse: an order reusing an earlier order's idempotency key with
+    another body (answered with the earlier order), the payment that then fails, and its report."""
+
+    earlier_request_id: str  # the first order with the key
+    misuse_request_id: str  # the order that reused it with another body: the misuse
+    misuse_at_us: int
+    failure_request_id: str  # the payment that failed because of it (looks like a server error alone)
+    report_id: str  # the user's report of that failure, naming it first
+    report_received_at_us: int
+
+
+class SequenceMisuseLabel(msgspec.Struct, kw_only=True):
+    """Misuse that fails elsewhere (issue #18): one standard account's integration user reuses
+    idempotency keys; each report of the payment failure it causes is truly ``client_misuse``."""
+
+    account_id: str
+    user_id: str
+    rule: str = "idempotency-key-reuse"  # the catalog's [sequences.<rule>]
+    code: str = "IDEMPOTENCY_KEY_REUSED"
+    surfaced_as: str = "server_error"  # what the failure looks like on its own ...
+    surfaced_in: str = "payment"  # ... and where
+    episodes: list[SequenceEpisodeLabel]
+
+
 class RunLabel(msgspec.Struct, kw_only=True, omit_defaults=True, tag="run", tag_field="kind"):
     scenario: str
     seed: int
@@ -140,6 +165,7 @@ class RunLabel(msgspec.Struct, kw_only=True, omit_defaults=True, tag="run", tag_
     rollout: RolloutLabel | None = None
     changes: list[ChangeLabel] = []
     behaviour: BehaviourLabel | None = None  # behaviour paths of consented users (every scenario)
+    sequence_misuse: SequenceMisuseLabel | None = None  # one account's misuse that fails elsewhere (every scenario)
 
 
 Label = RequestLabel | ReportLabel | RunLabel

@@ -122,6 +122,8 @@ class World:
     accounts: tuple[Account, ...]
     vip_accounts: frozenset[str]
     misuse_account: str  # the VIP integration that the misuse-wave scenario makes misbehave
+    # the standard account whose integration reuses idempotency keys in every scenario ("": none has users)
+    sequence_misuse_account: str = ""
 
 
 def build_world(seed: int, users: int, vip_share: float = 0.1, consent_share: float = 0.9,
@@ -168,7 +170,20 @@ def build_world(seed: int, users: int, vip_share: float = 0.1, consent_share: fl
             )
         )
     vip = frozenset(a.account_id for a in accounts if a.tier == "vip")
-    return World(tuple(population), tuple(accounts), vip, misuse_account=accounts[0].account_id)
+    return World(tuple(population), tuple(accounts), vip, misuse_account=accounts[0].account_id,
+                 sequence_misuse_account=first_standard_account(accounts, population))
+
+
+def first_standard_account(accounts: list[Account], users: list[User]) -> str:
+    """The first standard (non-VIP) account with a user, "" if none has one. Chosen from the world
+    as built, never by a draw: the world's generator, and so every world, stays as it was."""
+    used = {u.account_id for u in users}
+    return next((a.account_id for a in accounts if a.tier == "standard" and a.account_id in used), "")
+
+
+def integration_user(world: World, account_id: str) -> User | None:
+    """The account's integration: its first user in ``user_id`` order (None without users)."""
+    return min((u for u in world.users if u.account_id == account_id), key=lambda u: u.user_id, default=None)
 
 
 def with_vip_webhooks(world: World, base_url: str) -> World:
