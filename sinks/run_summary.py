@@ -131,6 +131,16 @@ def observable_requests(labels: Iterable[Label]) -> dict[str, RequestLabel]:
     return {rid: l for rid, l in requests.items() if l.server_spans or l.client_span_emitted or rid in named}
 
 
+def newest_diagnoses(reports: Iterable[DiagnosedReport]) -> dict[str, DiagnosedReport]:
+    """Each report's newest diagnosis (the latest ``diagnosed_at_us``), as ClickHouse keeps it."""
+    newest: dict[str, DiagnosedReport] = {}
+    for report in reports:
+        known = newest.get(report.report_id)
+        if known is None or known.diagnosed_at_us <= report.diagnosed_at_us:
+            newest[report.report_id] = report
+    return newest
+
+
 def score(labels: Iterable[Label], requests: Iterable[CorrelatedRequest], reports: Iterable[DiagnosedReport]) -> Score:
     """Confusion of expected against diagnosed classes, for requests and for reports.
 
@@ -147,12 +157,8 @@ def score(labels: Iterable[Label], requests: Iterable[CorrelatedRequest], report
             unexpected.add(request.request_id)
         elif request.request_id not in latest or latest[request.request_id].version < request.version:
             latest[request.request_id] = request
-    diagnosed: dict[str, DiagnosedReport] = {}
-    for report in reports:
-        known = diagnosed.get(report.report_id)
-        # the newest diagnosis wins, as in ClickHouse: one traced to an earlier misuse replaces its symptom's
-        if report.report_id in report_truth and (known is None or known.diagnosed_at_us <= report.diagnosed_at_us):
-            diagnosed[report.report_id] = report
+    # the newest diagnosis wins, as in ClickHouse: one traced to an earlier misuse replaces its symptom's
+    diagnosed = {rid: r for rid, r in newest_diagnoses(reports).items() if rid in report_truth}
     request_confusion: Counter[tuple[str, str]] = Counter()
     unobservable = 0
     for rid, request in latest.items():

@@ -153,7 +153,7 @@ def on_step(state: UserState, step: SequenceStep, catalog: Catalog, now_s: float
             detection = _await_precursor(state, name, rule, step, now_s)
         if detection is not None:
             found.extend(_detected(state, detection, catalog, int(now_s * 1_000_000)))
-    _prune(state, catalog)
+    _prune(state, catalog, int(now_s * 1_000_000))
     return found
 
 
@@ -188,7 +188,7 @@ def on_report(state: UserState, report: DiagnosedReport, catalog: Catalog, now_u
     # kept, traced or not: a detection read later may explain it better (or at all)
     state.reports = [r for r in state.reports if r.report_id != report.report_id] + [report]
     state.reports = state.reports[-MAX_REPORTS:]
-    _prune(state, catalog)
+    _prune(state, catalog, now_us)
     detection = _best(state, report, catalog)
     if detection is None:
         return Found()
@@ -337,8 +337,10 @@ def _covers(detection: MisuseDetection, report: DiagnosedReport, catalog: Catalo
     return detection.at_us <= report.received_at_us <= detection.at_us + rule.surfaces_within_s * 1_000_000
 
 
-def _prune(state: UserState, catalog: Catalog) -> None:
-    """Forget what no rule can use any more, by the user's own event time."""
+def _prune(state: UserState, catalog: Catalog, wall_us: int) -> None:
+    """Forget what no rule can use any more, by the user's own event time. Detections and reports
+    also stay while they are recent in wall time: a backlog read fast (a replay, a worker catching
+    up) brings this user's steps of hours later before the reports of now are diagnosed."""
     now = state.latest_us
     rules = catalog.sequences
     longest = max((r.surfaces_within_s for r in rules.values()), default=0) * 1_000_000
@@ -350,8 +352,10 @@ def _prune(state: UserState, catalog: Catalog) -> None:
         window = rules[name].window_s * 1_000_000 if name in rules else 0
         for session in [s for s, p in sessions.items() if p.at_us < now - window]:
             del sessions[session]
-    state.detections = [d for d in state.detections if d.at_us >= now - longest]
-    state.reports = [r for r in state.reports if r.received_at_us >= now - longest]
+    state.detections = [d for d in state.detections
+                        if d.at_us >= now - longest or d.detected_at_us >= wall_us - longest]
+    state.reports = [r for r in state.reports
+                     if r.received_at_us >= now - longest or r.diagnosed_at_us >= wall_us - longest]
     live = {d.detection_id for d in state.detections}
     kept = {r.report_id for r in state.reports}
     state.traced = {r: d for r, d in state.traced.items() if d in live and r in kept}

@@ -142,6 +142,10 @@ def test_the_demo_day_declares_each_outage_tells_its_vips_stays_quiet_at_night_a
     # the screen: one on-call's view per outage, the counts, and support's lookups
     assert "the day in counts" in done.stdout and "quiet-night: no incident" in done.stdout
     assert "signature verified" in done.stdout and "misuse-wave: no incident" in done.stdout
+    # the integration's payment failures, each told the key reuse that caused them (the demo
+    # fails when one is not traced to its own misuse: supportlens/demo/misuse.py)
+    traced = done.stdout.split("misuse that fails elsewhere", 1)[1].split("\n\n", 1)[0]
+    assert "later payment failures" in traced and "looked like server_error at payment" in traced
     lookup = done.stdout.split("supportlens lookup --ip", 1)[1]
     assert "report" in lookup and "server_error" in lookup and "payment" in lookup
     assert "call chain of" in lookup and "supportlens top --by service" in lookup

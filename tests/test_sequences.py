@@ -124,6 +124,17 @@ def test_overlapping_misuses_each_explain_the_report_that_names_their_order(repo
     assert traced == {"r-a": "idempotency-key-reuse:a-2", "r-b": "idempotency-key-reuse:b-2"}
 
 
+def test_a_backlog_read_fast_still_traces_a_report_behind_the_users_later_steps():
+    """A replay (or a worker catching up) brings the user's steps of hours later before the
+    report of now is diagnosed: by event time alone the misuse would be forgotten by then."""
+    state = UserState()
+    on_step(state, order("o-1", 0), CATALOG, NOW)
+    on_step(state, order("o-2", 12, body="h-2"), CATALOG, NOW)
+    on_step(state, order("o-7", 4 * 3600, key="k-7"), CATALOG, NOW + 1)  # four hours later, read a second later
+    [traced] = on_report(state, report("r-1", 100), CATALOG, T0 + 104 * S).reports
+    assert traced.diagnosis.misuse_detection_id == "idempotency-key-reuse:o-2"
+
+
 def test_a_report_diagnosed_again_is_traced_again():
     state = UserState()
     on_step(state, order("o-1", 0), CATALOG, NOW)
@@ -212,7 +223,7 @@ def test_state_packs_and_forgets_what_no_rule_can_use():
     on_report(state, report("r-9", 30, service="search"), CATALOG, T0 + 31 * S)
     assert sequences.unpack(sequences.pack(state)) == state
     assert not sequences.is_idle(state)
-    on_step(state, order("o-9", 200_000, key="k-9"), CATALOG, NOW)  # two days later
+    on_step(state, order("o-9", 200_000, key="k-9"), CATALOG, NOW + 200_000)  # two days later
     assert list(state.keys["idempotency-key-reuse"]) == ["k-9"]
     assert state.detections == [] and state.reports == []
 

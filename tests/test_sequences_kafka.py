@@ -132,7 +132,7 @@ def test_the_simulated_integrations_misuse_is_found_and_names_each_later_report(
     report of the payment failure that follows is traced to its own misuse, in the user's words."""
     from datetime import datetime, timedelta, timezone
 
-    from sinks.run_summary import score
+    from sinks.run_summary import newest_diagnoses, score
     from supportlens.contracts import CorrelatedRequest
     from supportlens.simulator.labels import read_labels
     from supportlens.simulator.run import SimulateOptions, simulate
@@ -150,10 +150,7 @@ def test_the_simulated_integrations_misuse_is_found_and_names_each_later_report(
         assert truth is not None and len(truth.episodes) >= 3  # overlapping episodes of one user
 
         def traced() -> dict[str, DiagnosedReport]:
-            newest: dict[str, DiagnosedReport] = {}
-            for r in _read(settings, "reports-diagnosed", DiagnosedReport):
-                if r.report_id not in newest or newest[r.report_id].diagnosed_at_us <= r.diagnosed_at_us:
-                    newest[r.report_id] = r
+            newest = newest_diagnoses(_read(settings, "reports-diagnosed", DiagnosedReport))
             wanted = {e.report_id for e in truth.episodes}
             got = {rid: r for rid, r in newest.items() if rid in wanted and r.diagnosis.misuse_detection_id}
             return got if len(got) == len(wanted) else {}

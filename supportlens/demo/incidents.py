@@ -44,7 +44,7 @@ def read_events(settings: Settings) -> dict[str, list[Any]]:
             for name, kind in EVENTS.items()}
 
 
-def _wait(console: Console, status: str, check: Callable[[], Any], processes: Sequence[subprocess.Popen[bytes]],
+def wait_until(console: Console, status: str, check: Callable[[], Any], processes: Sequence[subprocess.Popen[bytes]],
           timeout_s: float = WAIT_S) -> Any:
     """``check()``'s first truthy answer, or its last answer when ``timeout_s`` passed or a process died."""
     deadline = time.monotonic() + timeout_s
@@ -68,7 +68,7 @@ def incidents_of_the_day(settings: Settings, console: Console, runs: list[RunLab
             return stories, events
         return None
 
-    answer = _wait(console, "waiting for the incidents to be declared, announced over and delivered…", settled,
+    answer = wait_until(console, "waiting for the incidents to be declared, announced over and delivered…", settled,
                    processes)
     if answer is None:
         events = read_events(settings)
@@ -180,7 +180,7 @@ def drill_the_outage(settings: Settings, console: Console, support: RemoteSuppor
         except LookupInputError:
             return False
 
-    if not _wait(console, "waiting for ClickHouse to record the incident…", recorded, processes, 60):
+    if not wait_until(console, "waiting for ClickHouse to record the incident…", recorded, processes, 60):
         return [f"no drill: ClickHouse did not record {incident_id}"]
     customers_before = len(customers.received)
     summary = run_drill(settings, support, DrillOptions(incident_id, speed=0, lead_s=120, tail_s=10, drill_id="demo"))
@@ -200,7 +200,7 @@ def drill_the_outage(settings: Settings, console: Console, support: RemoteSuppor
             return declared, notices
         return None
 
-    answer = _wait(console, "waiting for the drill's incident and its notices…", drilled, processes)
+    answer = wait_until(console, "waiting for the drill's incident and its notices…", drilled, processes)
     if answer is None:
         return ["the drill declared no incident, or its notices did not reach the drill channel"]
     declared, notices = answer

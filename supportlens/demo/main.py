@@ -46,6 +46,7 @@ from supportlens.demo.day import Segment, plan_day
 from supportlens.demo.incidents import (
     drill_the_outage, incidents_of_the_day, person_declares, print_counts, read_events, write_outputs,
 )
+from supportlens.demo.misuse import misuse_of_the_day
 from supportlens.demo.receiver import WebhookReceiver
 from supportlens.demo.story import mark
 from supportlens.errors import UserError
@@ -139,6 +140,7 @@ def _run(settings: Settings, console: Console, rate: float, window_s: int, out_d
                 problems += _print_scenario(console, segment, run, seen, result)
             stories, story_problems = incidents_of_the_day(settings, console, runs, customers, processes)
             problems += story_problems
+            problems += misuse_of_the_day(settings, console, runs, processes)
             problems += person_declares(settings, console)
             support = RemoteSupport(settings.support_url)
             correlated = sum(len(r.correlated) for _, r in results)
