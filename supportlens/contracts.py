@@ -532,14 +532,7 @@ _user_step_decoder = msgspec.json.Decoder(UserStep)
 
 def decode_user_step(data: bytes, max_bytes: int = 1_048_576) -> UserStep:
     """Decode one record of ``user-steps``; raises :class:`InvalidRecord` naming the field."""
-    if len(data) > max_bytes:
-        raise InvalidRecord("user step", f"record is {len(data):,} bytes, over the {max_bytes:,}-byte limit")
-    try:
-        return _user_step_decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise InvalidRecord("user step", explain(str(exc))) from None
-    except UNREADABLE as exc:
-        raise InvalidRecord("user step", why_unreadable(exc)) from None
+    return _decode_tagged(_user_step_decoder, "user step", data, max_bytes)
 
 
 class MisuseDetection(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
@@ -567,14 +560,19 @@ _signal_decoder = msgspec.json.Decoder(Signal)
 
 def decode_signal(data: bytes, max_bytes: int = 1_048_576) -> Signal:
     """Decode one record of ``incident-signals``; raises :class:`InvalidRecord` naming the field."""
+    return _decode_tagged(_signal_decoder, "signal", data, max_bytes)
+
+
+def _decode_tagged(decoder: msgspec.json.Decoder[Any], kind: str, data: bytes, max_bytes: int) -> Any:
+    """One record of a topic of tagged records (``kind`` names the record type in errors)."""
     if len(data) > max_bytes:
-        raise InvalidRecord("signal", f"record is {len(data):,} bytes, over the {max_bytes:,}-byte limit")
+        raise InvalidRecord(kind, f"record is {len(data):,} bytes, over the {max_bytes:,}-byte limit")
     try:
-        return _signal_decoder.decode(data)
+        return decoder.decode(data)
     except msgspec.DecodeError as exc:
-        raise InvalidRecord("signal", explain(str(exc))) from None
+        raise InvalidRecord(kind, explain(str(exc))) from None
     except UNREADABLE as exc:
-        raise InvalidRecord("signal", why_unreadable(exc)) from None
+        raise InvalidRecord(kind, why_unreadable(exc)) from None
 
 
 Record = (Span | FaultReport | BehaviourEvent | Account | CorrelatedRequest | DiagnosedReport | SurgeEvent
