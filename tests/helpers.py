@@ -137,3 +137,18 @@ def insert_records(client: Any, topic: str, records: Any) -> None:
     rows = [to_row(topic, encode(r), RecordMeta(0, i, 0), 1_048_576) for i, r in enumerate(records)]
     if rows:
         client.insert(mapping.table, rows, column_names=mapping.columns)
+
+
+def replay_start(duration_s: float, ended_ago_s: float, local_hour: int = 14, utc_offset_h: int = 8):
+    """The start of a replayed run that ends at least ``ended_ago_s`` before now and begins at
+    ``local_hour`` in a region ``utc_offset_h`` from UTC (cn-east, whose ISP outage the tests
+    replay). The simulator's traffic follows the local time of day (a tenth of the peak at
+    04:00): a run placed just before now would test another traffic every hour the suite runs."""
+    from datetime import datetime, timedelta, timezone
+
+    latest = datetime.now(timezone.utc) - timedelta(seconds=duration_s + ended_ago_s)
+    local = latest + timedelta(hours=utc_offset_h)
+    start_local = local.replace(hour=local_hour, minute=0, second=0, microsecond=0)
+    if start_local > local:
+        start_local -= timedelta(days=1)
+    return start_local - timedelta(hours=utc_offset_h)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import WorkerProcess, settings_env, supportlens_cmd
+from helpers import WorkerProcess, replay_start, settings_env, supportlens_cmd
 from supportlens.config import Settings, load_settings
 from supportlens.contracts import IncidentEvent, SurgeEvent, decode
 from supportlens.simulator.labels import RunLabel
@@ -64,7 +64,8 @@ ENDED_AGO_S = 180
 
 
 def _run(settings: Settings, tmp_path: Path, scenario: str, speed: float = 0, duration: int = 300) -> RunLabel:
-    start = datetime.now(timezone.utc) - timedelta(seconds=(duration / speed if speed else duration) + ENDED_AGO_S)
+    start = (replay_start(duration, ENDED_AGO_S) if not speed
+             else datetime.now(timezone.utc) - timedelta(seconds=duration / speed + ENDED_AGO_S))
     return simulate(settings, SimulateOptions(scenario, rate=50, duration_s=duration, seed=11, users=3000, speed=speed,
                                               start=start, labels_path=tmp_path / f"{scenario}.jsonl"))
 

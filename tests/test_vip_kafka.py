@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from helpers import WorkerProcess
+from helpers import WorkerProcess, replay_start
 from supportlens.config import load_settings
 from supportlens.contracts import IncidentEvent, Notification, decode
 from supportlens.simulator.labels import RequestLabel, read_labels
@@ -35,7 +35,7 @@ def test_an_isp_outage_notifies_exactly_the_affected_vip_accounts_once_and_follo
     try:
         run = simulate(settings, SimulateOptions(
             "isp-outage", rate=50, duration_s=DURATION, seed=SEED, users=USERS, speed=0,
-            start=datetime.now(timezone.utc) - timedelta(seconds=DURATION + ENDED_AGO_S), labels_path=labels_path))
+            start=replay_start(DURATION, ENDED_AGO_S), labels_path=labels_path))
         deadline = time.monotonic() + 150
         while not any(decode(m.value(), IncidentEvent).transition == "resolved"
                       for m in read_range(settings, [settings.topic("incidents")])):

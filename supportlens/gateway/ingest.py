@@ -226,7 +226,13 @@ def _span_count(resource_span: Mapping[str, Any]) -> int:
     scopes = resource_span.get("scopeSpans")
     if not isinstance(scopes, list):
         return 1
-    return sum(len(scope.get("spans") or []) if isinstance(scope, Mapping) else 1 for scope in scopes)
+    return sum(_spans_in(scope.get("spans")) if isinstance(scope, Mapping) else 1 for scope in scopes)
+
+
+def _spans_in(spans: Any) -> int:
+    """How many spans a scope holds for the count of withheld spans: a value that is no list (a
+    broken export) counts as one, to be refused or withheld with the rest, never a crash."""
+    return len(spans) if isinstance(spans, list) else int(bool(spans))
 
 
 def span_records(spans: Sequence[Span], partitions: int, max_bytes: int) -> list[OutRecord]:
