@@ -14,7 +14,9 @@ from supportlens.contracts import FaultReport, Span, encode
 from supportlens.simulator import generate
 from supportlens.simulator.generate import SECOND_US, Plan, Simulation
 from supportlens.simulator.labels import ReportLabel, RequestLabel, encode_label, read_run
-from supportlens.simulator.misuse import CONFIRM, ORDER, SPREAD, SequenceMisuse, episode_count
+from supportlens.simulator.misuse import (
+    CONFIRM, FAILS_AFTER_US, ORDER, REPORTED_AFTER_US, REUSED_AFTER_US, SPREAD, SequenceMisuse, episode_count,
+)
 from supportlens.simulator.scenarios import SCENARIOS, scenario
 from supportlens.simulator.world import World, build_world, integration_user
 from streams.catalog import load_catalog
@@ -124,7 +126,7 @@ def test_the_label_matches_the_records():
         (earlier_at, (key, body)), (reused_at, (reused_key, other_body)) = orders
         assert reused_key == key and other_body != body  # the same key, another body
         assert lo <= earlier_at < hi and reused_at == episode.misuse_at_us
-        assert 5 * SECOND_US <= reused_at - earlier_at <= 20 * SECOND_US
+        assert REUSED_AFTER_US[0] <= reused_at - earlier_at <= REUSED_AFTER_US[1]
 
         client, servers = sides(episode.failure_request_id)
         gateway, payment = servers
@@ -136,7 +138,7 @@ def test_the_label_matches_the_records():
         failed = labels[episode.failure_request_id]
         assert isinstance(failed, RequestLabel)
         assert (failed.expected_class, failed.failing_service, failed.operation) == ("server_error", "payment", CONFIRM.name)
-        assert 30 * SECOND_US <= failed.start_us - reused_at <= 120 * SECOND_US
+        assert FAILS_AFTER_US[0] <= failed.start_us - reused_at <= FAILS_AFTER_US[1]
         if client is not None:
             assert (client.status, client.http_status, client.error_code) == ("error", 502, "UPSTREAM_ERROR")
 
@@ -146,7 +148,7 @@ def test_the_label_matches_the_records():
         assert all(s.side == "client" for s in report.client_log)
         answered = failed.start_us + report.client_log[-1].duration_us
         assert report.received_at_us == episode.report_received_at_us
-        assert 10 * SECOND_US <= report.received_at_us - answered <= 60 * SECOND_US
+        assert REPORTED_AFTER_US[0] <= report.received_at_us - answered <= REPORTED_AFTER_US[1]
         assert (report.user_id, report.account_id, report.client_ip, report.locale, report.region) == (
             user.user_id, user.account_id, user.client_ip, user.locale, user.region.name)
         assert report.error_code == "UPSTREAM_ERROR" and report.user_message

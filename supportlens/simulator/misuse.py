@@ -37,9 +37,9 @@ ORDER = OPERATION_BY_NAME["POST /v1/orders"]
 CONFIRM = OPERATION_BY_NAME["POST /v1/payments/confirm"]
 FAILURE = (500, "AMOUNT_MISMATCH")  # the payment's answer to an amount its order never had
 SPREAD = (0.15, 0.75)  # episodes start in this part of the run
-REUSED_AFTER_US = (5 * SECOND_US, 20 * SECOND_US)  # order B after order A
-FAILS_AFTER_US = (30 * SECOND_US, 120 * SECOND_US)  # the payment confirmation after order B
-REPORTED_AFTER_US = (10 * SECOND_US, 60 * SECOND_US)  # the report after the failure's answer
+REUSED_AFTER_US = (3 * SECOND_US, 10 * SECOND_US)  # order B after order A
+FAILS_AFTER_US = (20 * SECOND_US, 60 * SECOND_US)  # the payment confirmation after order B
+REPORTED_AFTER_US = (5 * SECOND_US, 30 * SECOND_US)  # the report after the failure's answer
 USER_MESSAGES = {  # what the user says: the payment failed (the symptom, not its cause)
     "en": "Payment confirmation fails with a server error after we place an order.",
     "zh-CN": "下单后确认付款时返回服务器错误。",
@@ -62,9 +62,17 @@ def episode_count(duration_s: int) -> int:
     return min(5, max(1, duration_s // 100))
 
 
+LONGEST_US = REUSED_AFTER_US[1] + FAILS_AFTER_US[1] + REPORTED_AFTER_US[1] + 10 * SECOND_US  # an episode, and its answers
+
+
 def episode_starts(rng: random.Random, start_us: int, duration_s: int, n: int) -> list[int]:
-    """``n`` times spread over :data:`SPREAD` of the run: one at random in each of ``n`` equal slots."""
+    """``n`` times spread over :data:`SPREAD` of the run, one at random in each of ``n`` equal
+    slots, each early enough for its episode to end inside the run: a record after the run's end
+    would be event time in the future of a run that ends now, moving the worker's clock past it."""
     lo, hi = (start_us + int(duration_s * f * SECOND_US) for f in SPREAD)
+    hi = min(hi, start_us + duration_s * SECOND_US - LONGEST_US)
+    if hi <= lo:
+        return []  # too short a run for an episode
     slot = (hi - lo) // n
     return [lo + i * slot + rng.randrange(max(1, slot)) for i in range(n)]
 
