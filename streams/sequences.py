@@ -352,6 +352,10 @@ def _prune(state: UserState, catalog: Catalog, wall_us: int) -> None:
         window = rules[name].window_s * 1_000_000 if name in rules else 0
         for session in [s for s, p in sessions.items() if p.at_us < now - window]:
             del sessions[session]
+    for name, calls in state.polls.items():
+        rule = rules.get(name)
+        horizon = now - int(rule.count * rule.min_interval_s * 2_000_000) if rule else now + 1
+        calls[:] = [c for c in calls if c[0] >= horizon]  # as _too_frequent keeps them
     state.detections = [d for d in state.detections
                         if d.at_us >= now - longest or d.detected_at_us >= wall_us - longest]
     state.reports = [r for r in state.reports

@@ -194,6 +194,15 @@ def test_polling_faster_than_the_documented_interval_is_one_detection_per_run():
                 for d in on_step(calm, step("GET /v1/orders/{id}", f"p-{i}", i * 1.5), CATALOG, NOW).detections]
 
 
+def test_a_user_who_stopped_polling_is_forgotten():
+    state = UserState()
+    for i in range(5):
+        on_step(state, step("GET /v1/orders/{id}", f"p-{i}", i * 0.5), CATALOG, NOW)
+    assert state.polls["polling-too-fast"]
+    on_step(state, order("o-1", 3600), CATALOG, NOW + 3600)  # an hour later, no more polls
+    assert state.polls["polling-too-fast"] == []
+
+
 def test_after_consent_is_withdrawn_no_behaviour_is_used():
     rules = msgspec.structs.replace(CATALOG, sequences={"order-without-login": msgspec.structs.replace(
         CATALOG.sequences["order-without-login"], precursor="login")})  # a behaviour event as precursor
